@@ -1,0 +1,51 @@
+"""``finetune``: train the whole model on the task's own objective.
+
+Cross-entropy for classification, next-token NLL for causal LMs, supervised
+contrastive loss for embeddings (see :mod:`slimtune.tasks`). Evaluates on the
+validation split after each epoch and keeps the best epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from slimtune.recipe import Strict
+from slimtune.registry import register_stage
+from slimtune.stage import StageContext, StageResult, device_of
+from slimtune.distributed.strategy import build_strategy
+from slimtune.distributed.trainer import Trainer
+
+
+@register_stage("finetune")
+class Finetune:
+    changes_model = True
+
+    class Config(Strict):
+        epochs: int = Field(1, ge=1)
+        lr: float | None = Field(None, gt=0, description="overrides train.lr for this stage")
+        max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+        eval_split: Literal["validation", "test", "none"] = "validation"
+
+    def run(self, ctx: StageContext, config: Config) -> StageResult:
+        art, kind = ctx.artifact, ctx.kind
+        strategy = build_strategy(ctx.strategy, device_of(ctx.train))
+        eval_fn = None
+        if config.eval_split != "none" and ctx.data()[config.eval_split]:
+            eval_batches = ctx.batches(config.eval_split)
+            train_batches = ctx.batches("train") if kind.name == "embedding" else None
+
+            def eval_fn(model):
+                moved = [strategy.to_device(b) for b in eval_batches]
+                ref = [strategy.to_device(b) for b in train_batches] if train_batches else None
+                return kind.evaluate(model, moved, ref)
+
+        trainer = Trainer(art.model, kind.loss, ctx.train, strategy, ctx.collator(), eval_fn, kind.metric, kind.higher_is_better)
+        result = trainer.fit(ctx.data()["train"], config.epochs, lr=config.lr, max_steps=config.max_steps)
+        art.model = strategy.unwrap(trainer.model).cpu()
+        metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history}
+        metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
+        if config.eval_split != "none":
+            metrics["split"] = config.eval_split
+        return StageResult(art, metrics)

@@ -1,0 +1,207 @@
+"""Artifacts: a model, its tokenizer, its task, and where it came from.
+
+On disk an artifact is a Hugging Face directory plus ``slimtune.json``::
+
+    config.json, model.safetensors, tokenizer files   (HF layout)
+    slimtune.json   format version, task, lineage, module swaps, compression
+    metrics.json    what was measured after the stage (optional)
+
+Loading rebuilds the exact module structure: a skeleton from ``config.json``,
+then every swap recorded in ``slimtune.json`` (``{"module": name, "type":
+registered class, "config": {...}}``) replaces a submodule, then the
+safetensors state dict is loaded strictly. Nothing is unpickled. Artifacts
+without swaps also load with plain ``transformers.AutoModel*``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from slimtune.errors import ArtifactError
+from slimtune.recipe import TaskConfig
+
+FORMAT_VERSION = 1
+META_FILE = "slimtune.json"
+METRICS_FILE = "metrics.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Artifact:
+    """What flows from stage to stage.
+
+    Attributes:
+        model: the ``nn.Module`` (a transformers model, possibly with swapped
+            submodules), in eval mode after load.
+        tokenizer: its tokenizer.
+        task: the task the model serves (data, columns, kind).
+        labels: class names for classification, else None.
+        lineage: one entry per stage applied: ``{"stage", "config", "key", "sha256"}``.
+        swaps: module swaps to replay on a skeleton at load time.
+        compression: free-form compression metadata stages record.
+        path: the directory it was loaded from or saved to, if any.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    task: TaskConfig
+    labels: list | None = None
+    lineage: list[dict] = field(default_factory=list)
+    swaps: list[dict] = field(default_factory=list)
+    compression: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def key(self) -> str | None:
+        """The cache key of the last stage applied (None for a bare model)."""
+        return self.lineage[-1].get("key") if self.lineage else None
+
+    def meta(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "task": self.task.model_dump(mode="json"),
+            "labels": self.labels,
+            "lineage": self.lineage,
+            "swaps": self.swaps,
+            "compression": self.compression,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact to ``directory`` atomically (temp dir, then rename)."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.write_into(tmp)
+        replace_dir(tmp, directory)
+        self.path = directory
+        return directory
+
+    def write_into(self, directory: Path) -> None:
+        """Write the files into an existing (temporary) directory."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+        if self.lineage:
+            self.lineage[-1]["sha256"] = file_sha256(directory / WEIGHTS_FILE)
+        write_json(directory / META_FILE, self.meta())
+
+
+def load(directory: str | Path) -> Artifact:
+    """Load any artifact directory, ready to run (eval mode, swaps rebuilt).
+
+    Raises:
+        ArtifactError: the directory is missing, incomplete or of a newer format.
+    """
+    import transformers
+
+    from slimtune import plugins
+    from slimtune.registry import MODULE_TYPES
+    from slimtune.tasks import task_kind
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    task = TaskConfig.model_validate(meta["task"])
+    config = transformers.AutoConfig.from_pretrained(directory)
+    auto = getattr(transformers, task_kind(task.kind).auto_class)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = auto.from_config(config, dtype=dtype)
+    if meta.get("swaps"):
+        plugins.load()
+    for swap in meta.get("swaps", []):
+        if swap["type"] not in MODULE_TYPES:
+            raise ArtifactError(f"{directory}: module type {swap['type']!r} is not registered", "install the SlimTune version that wrote this artifact")
+        parent, _, child = swap["module"].rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, MODULE_TYPES[swap["type"]].from_config(swap["config"]))
+    _load_state(model, directory / WEIGHTS_FILE)
+    model.eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    return Artifact(
+        model=model, tokenizer=tokenizer, task=task, labels=meta.get("labels"), lineage=meta.get("lineage", []),
+        swaps=meta.get("swaps", []), compression=meta.get("compression", {}), path=directory,
+    )
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ArtifactError(
+            f"{path} does not match the model structure (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "the artifact is corrupt or was written by another version; re-run the stage",
+        )
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with an earlier parameter."""
+    first: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in first:
+            tied.add(name)
+        else:
+            first[p.data_ptr()] = name
+    return tied
+
+
+def read_meta(directory: Path) -> dict:
+    meta_path = directory / META_FILE
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {str(directory)!r} does not exist", "pass a stage directory such as runs/<name>/01-finetune")
+    if not meta_path.is_file():
+        raise ArtifactError(f"{str(directory)!r} is not a SlimTune artifact (no {META_FILE})", "pass a stage directory such as runs/<name>/01-finetune")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ArtifactError(f"{directory} uses artifact format {meta['format_version']}, newer than {FORMAT_VERSION}", "upgrade SlimTune")
+    return meta
+
+
+def read_metrics(directory: Path) -> dict:
+    path = Path(directory) / METRICS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished temporary directory into place, replacing ``dst``."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        src.rename(dst)
+
+
+def disk_size_bytes(directory: Path, names: tuple[str, ...] = (WEIGHTS_FILE,)) -> int:
+    """Bytes of the weight files of an artifact."""
+    return sum((Path(directory) / n).stat().st_size for n in names if (Path(directory) / n).is_file())

@@ -1,0 +1,75 @@
+"""Resolve a recipe's ``model`` and load it for a task.
+
+A model reference is ``embedded:<name>``, a local HF directory, or a hub id
+(online only). Remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.errors import ModelSourceError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(ref: str) -> str:
+    """A loadable path or hub id for ``ref``; raises when it cannot exist."""
+    if ref.startswith("embedded:"):
+        from slimtune.assets import embedded_model_dir
+
+        return str(embedded_model_dir(ref.split(":", 1)[1]))
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"model directory {ref!r} has no config.json", "point model at a Hugging Face model directory (save_pretrained output)")
+        return str(path)
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise ModelSourceError(f"model directory {ref!r} does not exist", "check the path in model")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelSourceError(
+            f"model {ref!r} is not a local directory, and it would be a hub id but the hub is offline (HF_HUB_OFFLINE=1)",
+            "use embedded:minilm / embedded:smollm2 or a local model directory, or go online with HF_HUB_OFFLINE=0",
+        )
+    return ref
+
+
+def load_pretrained(ref: str, auto_class: str, num_labels: int | None = None, dtype: torch.dtype | None = None) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` for ``ref`` with the given transformers Auto class."""
+    import transformers
+
+    where = resolve_model_dir(ref)
+    kwargs = {"num_labels": num_labels} if num_labels is not None else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        model = getattr(transformers, auto_class).from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelSourceError(f"cannot load model {ref!r}: {_first_line(err)}", "check the model id or directory, and that you are online for hub ids") from None
+    if tokenizer.pad_token is None:
+        # Decoder-only tokenizers often ship without one; padding is masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Number of distinct parameter elements (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

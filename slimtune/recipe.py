@@ -1,0 +1,295 @@
+"""The recipe: a YAML file validated against typed models.
+
+A recipe names a model, a task, training defaults and an ordered list of
+stages, each a one-key mapping ``{stage_name: {config}}``. Every block rejects
+unknown keys; errors name the key, its line in the file, and what is allowed.
+``--set a.b.c=value`` overrides are applied to the raw mapping before
+validation, so they are checked the same way. ``stages.<name>.key`` addresses a
+stage by name (``stages.<index>.key`` when a name repeats).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimtune.errors import RecipeError
+
+
+class Strict(BaseModel):
+    """Base of every config block: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitLimits(Strict):
+    train: int | None = Field(None, gt=0)
+    validation: int | None = Field(None, gt=0)
+    test: int | None = Field(None, gt=0)
+
+
+class TaskConfig(Strict):
+    """What the model is for and which data teaches and measures it."""
+
+    kind: Literal["classification", "causal-lm", "embedding"]
+    data: Union[str, dict[str, str]]
+    text: str = "text"
+    text_pair: str | None = None
+    label: str = "label"
+    max_length: int = Field(128, gt=0, le=8192)
+    limit: Union[int, SplitLimits, None] = None
+
+    @field_validator("limit")
+    @classmethod
+    def _positive(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("limit must be a positive number of examples")
+        return v
+
+    def split_limit(self, split: str) -> int | None:
+        if isinstance(self.limit, int) or self.limit is None:
+            return self.limit
+        return getattr(self.limit, split, None)
+
+
+class TrainConfig(Strict):
+    """Defaults for every training stage (a stage may override some)."""
+
+    batch_size: int = Field(32, gt=0)
+    eval_batch_size: int = Field(64, gt=0)
+    lr: float = Field(5.0e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    grad_accum: int = Field(1, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = Field(None, gt=0)
+
+
+class DistributedConfig(Strict):
+    strategy: Literal["single"] = "single"
+    nproc: int = Field(1, ge=1, le=1)
+
+
+class StageSpec(BaseModel):
+    """One validated entry of ``stages``: its name and typed config."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    name: str
+    config: Any
+
+    def resolved(self) -> dict:
+        return self.config.model_dump(mode="json")
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    model: str
+    task: TaskConfig
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    stages: list[StageSpec]
+
+    def resolved(self) -> dict:
+        """The recipe as plain data, every default filled in."""
+        out = self.model_dump(mode="json", exclude={"stages"})
+        out["stages"] = [{s.name: s.resolved()} for s in self.stages]
+        return out
+
+    def root_key(self) -> str:
+        """Hash of everything a stage's input depends on before any stage ran."""
+        base = self.model_dump(mode="json", include={"model", "task", "train"})
+        return content_key(base)
+
+
+def content_key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Shipped recipe name -> path."""
+    folder = resources.files("slimtune") / "recipes"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def locate(recipe: str | Path) -> Path:
+    """A recipe argument is a path to a YAML file or a shipped recipe name."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    if str(recipe) in shipped:
+        return shipped[str(recipe)]
+    close = difflib.get_close_matches(str(recipe), shipped, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(
+        f"recipe {str(recipe)!r} is neither a file nor a shipped recipe",
+        f"{hint}pass a path to a YAML file or one of: {', '.join(sorted(shipped))}",
+    )
+
+
+def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe.
+
+    Args:
+        recipe: a YAML path or a shipped recipe name.
+        overrides: ``{"train.lr": 3e-5, "stages.finetune.epochs": 2}``; values
+            given as strings are parsed as YAML scalars (``"3e-5"`` -> float).
+
+    Raises:
+        RecipeError: naming the key, its line, and what is allowed.
+    """
+    path = locate(recipe)
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}", "fix the YAML syntax at the position shown") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys (name, model, task, stages, ...)")
+    for key, value in (overrides or {}).items():
+        apply_override(raw, key, value)
+    return validate(raw, source=str(path), node=root, overridden=set(overrides or {}))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """Parse CLI ``--set key.path=value`` items; values are YAML scalars."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r} has no '='", "write --set key.path=value, e.g. --set train.lr=3e-5")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def apply_override(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``; stages by name or index."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    parts = dotted.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _stage_config(node, part, dotted)
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i + 1])} is a value, not a block")
+    if isinstance(node, list):
+        raise RecipeError(f"--set {dotted}: set a key inside the stage, e.g. --set {dotted}.epochs=2")
+    node[parts[-1]] = value
+
+
+def _stage_config(stages: list, ref: str, dotted: str) -> dict:
+    items = [s for s in stages if isinstance(s, dict) and len(s) == 1]
+    if ref.isdigit() and int(ref) < len(stages):
+        entry = stages[int(ref)]
+    else:
+        matches = [s for s in items if ref in s]
+        if len(matches) != 1:
+            names = [next(iter(s)) for s in items]
+            why = "appears more than once; address it by index" if matches else "is not in the recipe"
+            raise RecipeError(f"--set {dotted}: stage {ref!r} {why}", f"stages are: {names} (index 0..{len(stages) - 1})")
+        entry = matches[0]
+    name = next(iter(entry))
+    if entry[name] is None:
+        entry[name] = {}
+    return entry[name]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate(raw: dict, source: str = "<recipe>", node: yaml.Node | None = None, overridden: set[str] = frozenset()) -> Recipe:
+    """Validate raw recipe data (stages looked up in the stage registry)."""
+    from slimtune.registry import STAGES, get_stage
+
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError(f"{source}: 'stages' must be a non-empty list of {{stage_name: {{config}}}}", "e.g. stages: [{finetune: {epochs: 1}}]")
+    specs = []
+    for i, entry in enumerate(stages_raw):
+        where = _where(source, node, ("stages", i))
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise RecipeError(f"{where}: stages[{i}] must be a one-key mapping like {{finetune: {{epochs: 1}}}}, got {entry!r}")
+        name, cfg = next(iter(entry.items()))
+        try:
+            cls = get_stage(name)
+        except RecipeError:
+            raise RecipeError(f"{where}: unknown stage {name!r}", f"use one of: {', '.join(sorted(STAGES))}") from None
+        try:
+            specs.append(StageSpec(name=name, config=cls.Config.model_validate(cfg or {})))
+        except ValidationError as err:
+            raise RecipeError(_explain(err, source, node, ("stages", i, name), cls.Config, overridden)) from None
+    try:
+        return Recipe.model_validate({**raw, "stages": specs})
+    except ValidationError as err:
+        raise RecipeError(_explain(err, source, node, (), Recipe, overridden)) from None
+
+
+def _explain(err: ValidationError, source: str, node, prefix: tuple, model: type[BaseModel], overridden: set[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))
+        dotted = ".".join(str(p) for p in loc)
+        where = _where(source, node, loc)
+        via = " (from --set)" if any(dotted.endswith(k.split(".", 1)[-1]) for k in overridden) else ""
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc[len(prefix):-1])
+            lines.append(f"{where}: unknown key {dotted!r}{via}; allowed keys: {', '.join(allowed)}")
+        else:
+            lines.append(f"{where}: {dotted}{via}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        subs = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not subs:
+            break
+        model = subs[0]
+    return list(model.model_fields)
+
+
+def _where(source: str, node, loc: tuple) -> str:
+    """``file:line`` of the deepest YAML node on ``loc`` (the recipe's own position)."""
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(part)]
+            if not match:
+                break
+            key, node = match[0]
+            line = key.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return f"{source}:{line}" if line else source

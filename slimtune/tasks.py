@@ -1,0 +1,202 @@
+"""Task kinds: the one place that knows what a model is trained and measured for.
+
+* ``classification`` - ``AutoModelForSequenceClassification``; cross-entropy;
+  metric ``accuracy``.
+* ``causal-lm`` - ``AutoModelForCausalLM``; next-token cross-entropy; metric
+  ``perplexity`` = exp(total NLL / predicted tokens), lower is better.
+* ``embedding`` - ``AutoModel`` whose token states are mean-pooled over the
+  attention mask (the sentence-transformers recipe of all-MiniLM-L6-v2), L2
+  normalised. Fine-tuned with a supervised contrastive loss on labelled data
+  (Khosla et al., 2020) and measured by ``centroid_accuracy``: each test
+  embedding takes the label of the nearest class centroid of the train
+  embeddings (cosine).
+
+Every algorithm (trainer, distillation, export) goes through these objects
+instead of branching on architecture or task itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimtune.errors import SlimTuneError
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Tokenize a list of examples into a padded batch (picklable for workers)."""
+
+    tokenizer: object
+    max_length: int
+    kind: str
+
+    def __call__(self, examples: list[dict]) -> Batch:
+        texts = [e["text"] for e in examples]
+        pairs = [e["text_pair"] for e in examples] if "text_pair" in examples[0] else None
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc:
+            batch["token_type_ids"] = enc["token_type_ids"]
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+
+def model_inputs(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H), (B, T) -> (B, H): mean of the unmasked token states."""
+    mask = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def embed(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, H) L2-normalised mean-pooled sentence embeddings."""
+    hidden = model(**model_inputs(batch)).last_hidden_state  # (B, T, H)
+    return F.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss over a batch of normalised embeddings (B, H)."""
+    sim = z @ z.T / temperature  # (B, B)
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask  # (B, B)
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    has_pos = positives.any(1)
+    if not has_pos.any():
+        return z.sum() * 0.0
+    per_anchor = -(log_prob.masked_fill(~positives, 0.0).sum(1) / positives.sum(1).clamp(min=1))
+    return per_anchor[has_pos].mean()
+
+
+class Classification:
+    name = "classification"
+    auto_class = "AutoModelForSequenceClassification"
+    metric, higher_is_better = "accuracy", True
+    output_names = ("logits",)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = model(**model_inputs(batch)).logits  # (B, C)
+        return F.cross_entropy(logits.float(), batch["labels"]), len(batch["labels"])
+
+    def forward_export(self, model: nn.Module, **inputs) -> torch.Tensor:
+        return model(**inputs).logits
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], train_batches=None) -> dict:
+        correct = total = 0
+        for batch in batches:
+            pred = model(**model_inputs(batch)).logits.argmax(-1)
+            correct += (pred == batch["labels"]).sum().item()
+            total += len(pred)
+        return {"accuracy": correct / max(total, 1), "examples": total}
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.argmax(-1)
+
+
+class CausalLM:
+    name = "causal-lm"
+    auto_class = "AutoModelForCausalLM"
+    metric, higher_is_better = "perplexity", False
+    output_names = ("logits",)
+
+    def nll(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Summed next-token NLL over unpadded targets, and the target count."""
+        logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, T-1, V)
+        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        return nll, int((targets != -100).sum())
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        nll, n = self.nll(model, batch)
+        return nll / max(n, 1), n
+
+    def forward_export(self, model: nn.Module, **inputs) -> torch.Tensor:
+        return model(**inputs, use_cache=False).logits
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], train_batches=None) -> dict:
+        total_nll, total = 0.0, 0
+        for batch in batches:
+            nll, n = self.nll(model, batch)
+            total_nll += nll.item()
+            total += n
+        return {"perplexity": math.exp(total_nll / max(total, 1)), "tokens": total}
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.argmax(-1)
+
+
+class Embedding:
+    name = "embedding"
+    auto_class = "AutoModel"
+    metric, higher_is_better = "centroid_accuracy", True
+    output_names = ("embeddings",)
+    temperature = 0.1
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
+        if "labels" not in batch:
+            raise SlimTuneError("fine-tuning an embedding task needs labelled data", "set task.label to a label column")
+        return supcon_loss(embed(model, batch).float(), batch["labels"], self.temperature), len(batch["labels"])
+
+    def forward_export(self, model: nn.Module, **inputs) -> torch.Tensor:
+        hidden = model(**inputs).last_hidden_state
+        return F.normalize(mean_pool(hidden, inputs["attention_mask"]), dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: Iterable[Batch], train_batches=None) -> dict:
+        if train_batches is None:
+            raise SlimTuneError("centroid accuracy needs train data for the class centroids")
+        centroids = self._centroids(model, train_batches)  # (C, H)
+        correct = total = 0
+        for batch in batches:
+            pred = (embed(model, batch) @ centroids.T).argmax(-1)
+            correct += (pred == batch["labels"]).sum().item()
+            total += len(pred)
+        return {"centroid_accuracy": correct / max(total, 1), "examples": total}
+
+    def _centroids(self, model, batches) -> torch.Tensor:
+        sums: dict[int, torch.Tensor] = {}
+        for batch in batches:
+            z = embed(model, batch)
+            for label in batch["labels"].unique().tolist():
+                sums[label] = sums.get(label, 0) + z[batch["labels"] == label].sum(0)
+        return F.normalize(torch.stack([sums[k] for k in sorted(sums)]), dim=-1)
+
+    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs
+
+
+TASK_KINDS: dict[str, Callable[[], object]] = {"classification": Classification, "causal-lm": CausalLM, "embedding": Embedding}
+
+
+def task_kind(name: str):
+    if name not in TASK_KINDS:
+        raise SlimTuneError(f"unknown task kind {name!r}", f"use one of: {', '.join(TASK_KINDS)}")
+    return TASK_KINDS[name]()
+
+
+class ExportWrapper(nn.Module):
+    """Named tensor inputs -> the task's output tensor, for tracing and export."""
+
+    def __init__(self, model: nn.Module, kind, input_names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.input_names = input_names
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return self.kind.forward_export(self.model, **{n: inputs[n] for n in self.input_names})
