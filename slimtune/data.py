@@ -52,14 +52,17 @@ class TaskData:
 
 def load_task_data(task: TaskConfig) -> TaskData:
     """Load and split the data a task names; the result is cached per task."""
-    return _load_cached(task)
+    return _load_cached(task.model_dump_json())
 
 
 @lru_cache(maxsize=4)
-def _load_cached(task: TaskConfig) -> TaskData:
+def _load_cached(task_json: str) -> TaskData:
+    task = TaskConfig.model_validate_json(task_json)
     frames = _read_source(task.data, task.text)
     columns = [task.text] + ([task.text_pair] if task.text_pair else [])
-    if task.kind == "classification":
+    # Embeddings use labels when the data has them (contrastive training, centroid accuracy).
+    labelled = task.kind == "classification" or (task.kind == "embedding" and all(task.label in f.columns for f in frames.values()))
+    if labelled:
         columns.append(task.label)
     for split, frame in frames.items():
         missing = [c for c in columns if c not in frame.columns]
@@ -68,7 +71,7 @@ def _load_cached(task: TaskConfig) -> TaskData:
                 f"data {_describe(task.data)} ({split}) has no column {missing[0]!r}",
                 f"its columns are {list(frame.columns)}; set task.text / task.label / task.text_pair to one of them",
             )
-    labels = _label_names(frames, task.label) if task.kind == "classification" else None
+    labels = _label_names(frames, task.label) if labelled else None
     splits = {}
     for split in SPLITS:
         frame = _hash_order(frames[split].dropna(subset=columns), task.text)

@@ -111,27 +111,30 @@ def validate_onnx(artifact: Artifact, path: str | Path, batches: list[dict]) -> 
     session = ort_session(path)
     names = input_names(artifact)
     model = artifact.model.eval()
-    max_diff, agree, total, correct = 0.0, 0, 0, 0
+    max_diff, agree, units, correct, total = 0.0, 0, 0, 0, 0
     for batch in progress(batches, desc="validate onnx"):
         with torch.no_grad():
             ref = kind.forward_export(model, **{n: batch[n] for n in names}).float()
         out = torch.from_numpy(session.run(None, ort_feed(session, batch))[0]).float()
         max_diff = max(max_diff, (out - ref).abs().max().item())
-        if kind.name == "embedding":
-            agree += int((torch.nn.functional.cosine_similarity(out, ref, dim=-1) > 0.999).sum())
-        else:
-            p_ref, p_out = kind.predictions(ref), kind.predictions(out)
-            if kind.name == "causal-lm":
-                mask = batch["attention_mask"].bool()
-                agree += int((p_ref == p_out)[mask].float().mean().item() * len(p_ref))
-            else:
-                agree += int((p_ref == p_out).sum())
-                correct += int((p_out == batch["labels"]).sum()) if "labels" in batch else 0
+        same = _agreement(kind.name, ref, out, batch["attention_mask"].bool())  # (units,)
+        agree, units = agree + int(same.sum()), units + same.numel()
+        if kind.name == "classification" and "labels" in batch:
+            correct += int((out.argmax(-1) == batch["labels"]).sum())
         total += len(batch["input_ids"])
-    result = {"max_abs_diff": max_diff, "prediction_agreement": agree / max(total, 1), "examples": total}
+    result = {"max_abs_diff": max_diff, "prediction_agreement": agree / max(units, 1), "examples": total}
     if kind.name == "classification" and total:
         result["accuracy_onnx"] = correct / total
     return result
+
+
+def _agreement(kind: str, ref: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-unit agreement: same class (classification), same next token on real
+    tokens (causal LM), cosine > 0.999 (embedding)."""
+    if kind == "embedding":
+        return torch.nn.functional.cosine_similarity(out, ref, dim=-1) > 0.999
+    same = ref.argmax(-1) == out.argmax(-1)
+    return same[mask] if kind == "causal-lm" else same
 
 
 @register_stage("export")

@@ -70,6 +70,7 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    group_by_length: bool = Field(False, description="batch examples of similar length together (less padding)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, gt=0)

