@@ -27,6 +27,7 @@ from slimtune.data import load_task_data
 from slimtune.models import load_pretrained, resolve_model_dir
 from slimtune.recipe import Recipe, content_key, load_recipe
 from slimtune.registry import get_stage
+from slimtune.distributed.trainer import seed_everything
 from slimtune.stage import StageContext
 from slimtune.tasks import task_kind
 
@@ -103,6 +104,7 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
 
 
 def _source_artifact(recipe: Recipe, labels: list | None) -> Artifact:
+    seed_everything(recipe.train.seed)  # new heads are initialised randomly
     kind = task_kind(recipe.task.kind)
     num_labels = len(labels) if labels is not None and kind.name == "classification" else None
     model, tokenizer = load_pretrained(recipe.model, kind.auto_class, num_labels=num_labels)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
@@ -37,9 +37,8 @@ EvalFn = Callable[[nn.Module], dict]
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    """Seed Python, NumPy and torch (all devices)."""
+    transformers.set_seed(seed)
 
 
 @dataclass

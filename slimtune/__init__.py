@@ -9,6 +9,10 @@ export and measure it.
 
 from __future__ import annotations
 
+import importlib
+from importlib.metadata import entry_points
+
+from slimtune import registry
 from slimtune.artifact import Artifact, load
 from slimtune.errors import SlimTuneError
 from slimtune.recipe import Recipe, load_recipe
@@ -19,8 +23,27 @@ __all__ = ["Artifact", "Recipe", "SlimTuneError", "load", "load_recipe", "run", 
 
 def run(recipe, overrides=None, out=None, fresh=False):
     """Run a recipe (shipped name, YAML path or Recipe); see ``slimtune.distributed.runner.run``."""
-    from slimtune import plugins
     from slimtune.distributed.runner import run as _run
 
-    plugins.load()
+    _load_packages()
     return _run(recipe, overrides=overrides, out=out, fresh=fresh)
+
+
+# Packages that register stages, module types and ONNX lowerings on import.
+# Third parties add theirs through the ``slimtune.plugins`` entry-point group.
+PACKAGES = ("slimtune.export", "slimtune.distributed", "slimtune.eval", "slimtune.compress", "slimtune.delta", "slimtune.prompt")
+_loaded = False
+
+
+def _load_packages() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name in PACKAGES:
+        importlib.import_module(name)
+    for ep in entry_points(group="slimtune.plugins"):
+        ep.load()
+
+
+registry.set_loader(_load_packages)

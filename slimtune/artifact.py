@@ -104,8 +104,7 @@ def load(directory: str | Path) -> Artifact:
     """
     import transformers
 
-    from slimtune import plugins
-    from slimtune.registry import MODULE_TYPES
+    from slimtune.registry import MODULE_TYPES, ensure_loaded
     from slimtune.tasks import task_kind
 
     directory = Path(directory)
@@ -118,7 +117,7 @@ def load(directory: str | Path) -> Artifact:
         dtype = getattr(torch, dtype)
     model = auto.from_config(config, dtype=dtype)
     if meta.get("swaps"):
-        plugins.load()
+        ensure_loaded()
     for swap in meta.get("swaps", []):
         if swap["type"] not in MODULE_TYPES:
             raise ArtifactError(f"{directory}: module type {swap['type']!r} is not registered", "install the SlimTune version that wrote this artifact")

@@ -8,7 +8,8 @@ The core owns three tables and never imports algorithm code to fill them:
   an original layer (e.g. a quantized linear), rebuilt on load;
 * ONNX lowerings: torch op -> onnxscript function, handed to the exporter.
 
-``slimtune.plugins.load()`` imports the packages so the tables are full.
+The top-level package installs a loader (``set_loader``) that imports those
+packages on first need, so the tables are full after a plain ``import slimtune``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ T = TypeVar("T")
 STAGES: dict[str, type] = {}
 MODULE_TYPES: dict[str, type] = {}
 ONNX_LOWERINGS: dict[Any, Callable] = {}
+_loader: Callable[[], None] | None = None
+
+
+def set_loader(fn: Callable[[], None]) -> None:
+    """Install the function that imports every package that registers something."""
+    global _loader
+    _loader = fn
+
+
+def ensure_loaded() -> None:
+    if _loader is not None:
+        _loader()
 
 
 def register_stage(name: str) -> Callable[[type[T]], type[T]]:
@@ -50,9 +63,7 @@ def register_onnx_lowering(op: Any, fn: Callable) -> None:
 
 def get_stage(name: str) -> type:
     """Look up a stage class by name, loading the plugin packages first."""
-    from slimtune import plugins
-
-    plugins.load()
+    ensure_loaded()
     if name not in STAGES:
         raise RecipeError(
             f"unknown stage {name!r}",

@@ -87,7 +87,6 @@ def test_failing_stage_keeps_finished_work_and_leaves_nothing_half_written(write
 
 KILL_SCRIPT = """
 import sys, time
-from slimtune import plugins
 from slimtune.eval import stage
 def slow(*a, **k):
     time.sleep(60)
@@ -132,3 +131,10 @@ def test_other_task_kinds_train_and_evaluate(kind, metric, write_recipe, tmp_pat
     assert after > before if metric == "centroid_accuracy" else after < before
     assert result.stages[1].metrics["split"] == "validation" and metric in result.stages[1].metrics
     assert slimtune.load(result.stages[2].path).task.kind == kind
+
+
+def test_same_recipe_gives_bit_identical_weights(write_recipe, tmp_path):
+    recipe = write_recipe("- finetune: {epochs: 1}\n")
+    a = slimtune.run(recipe, out=tmp_path / "a").stages[0].path
+    b = slimtune.run(recipe, out=tmp_path / "b").stages[0].path
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
