@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from slimtune.progress import progress
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
 from slimtune.stage import StageContext, StageResult, device_of
@@ -37,7 +38,7 @@ class Finetune:
             train_batches = ctx.batches("train") if kind.name == "embedding" else None
 
             def eval_fn(model):
-                moved = [strategy.to_device(b) for b in eval_batches]
+                moved = [strategy.to_device(b) for b in progress(eval_batches, desc=f"evaluate {config.eval_split}")]
                 ref = [strategy.to_device(b) for b in train_batches] if train_batches else None
                 return kind.evaluate(model, moved, ref)
 

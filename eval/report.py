@@ -14,7 +14,7 @@ def stage_row(name: str, reused: bool, m: dict) -> list[str]:
     metric, value = _headline(m)
     notes = []
     if "max_abs_diff" in m:
-        notes.append(f"onnx {m.get('onnx_mb', 0):.1f} MB, max|diff| {m['max_abs_diff']:.1e}, agree {m['prediction_agreement']:.4f}")
+        notes.append(f"onnx {m.get('onnx_mb', 0):.1f} MB, max abs diff {m['max_abs_diff']:.1e}, agree {m['prediction_agreement']:.4f}")
     if "best_epoch" in m:
         notes.append(f"best epoch {m['best_epoch']}, {m.get('steps')} steps")
     if "seconds" in m:

@@ -73,6 +73,7 @@ def export_onnx(artifact: Artifact, path: str | Path, opset: int = 18) -> Path:
     was_training = artifact.model.training
     artifact.model.eval()
     # The exporter narrates every pass on stdout; keep ours clean.
+    bar = progress(total=1, desc="export onnx")
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -81,6 +82,8 @@ def export_onnx(artifact: Artifact, path: str | Path, opset: int = 18) -> Path:
             optimize=True, verbose=False,
         )
     program.save(str(path), external_data=False)
+    bar.update(1)
+    bar.close()
     artifact.model.train(was_training)
     return path
 
