@@ -143,21 +143,27 @@ def _embedded(name: str):
 
 
 def _read_file(path: Path):
-    import pandas as pd
+    """A local csv/tsv/json/jsonl/parquet file, read with ``datasets``, as a DataFrame."""
+    import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist", "check the path in task.data")
     kind = FILE_FORMATS.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"data file {str(path)!r} has an unsupported extension", f"use one of: {', '.join(FILE_FORMATS)}")
+    options = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        if kind == "csv":
-            return pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
-        if kind == "parquet":
-            return pd.read_parquet(path)
-        return pd.read_json(path, lines=path.suffix.lower() == ".jsonl")
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise DataError(f"cannot read data file {str(path)!r}: {err}", "check that the file is valid " + kind) from None
+        loaded = datasets.load_dataset(kind, data_files=str(path), split="train", **options)
+    except (DatasetGenerationError, ValueError, OSError) as err:
+        raise DataError(f"cannot read data file {str(path)!r}: {_root_cause(err)}", f"check that the file is valid {kind}") from None
+    return loaded.to_pandas()
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 def _hash_split(frame, text: str) -> dict:

@@ -70,3 +70,10 @@ def test_bad_data_is_a_clear_error(tiny_csv, tmp_path):
     (tmp_path / "d.xml").write_text("<a/>")
     with pytest.raises(DataError, match="unsupported extension"):
         load_task_data(task(str(tmp_path / "d.xml")))
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"review": "ok", "sentiment": 1}\n{not json\n')
+    with pytest.raises(DataError, match="cannot read data file"):
+        load_task_data(task(str(bad)))
