@@ -49,3 +49,17 @@ def test_smollm2_converts_once_and_models_text(tmp_path, monkeypatch):
     assert ppl_shuffled > 5 * ppl
     again, _ = load_pretrained("embedded:smollm2", "AutoModelForCausalLM")  # from the cache now
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("name", ["minilm-sentiment"])
+def test_shipped_recipe_runs_end_to_end_on_a_subset(name, tmp_path):
+    import slimtune
+
+    overrides = {"task.limit": 48, "stages.evaluate.runs": 2, "stages.evaluate.warmup": 1}
+    result = slimtune.run(name, overrides=overrides, out=tmp_path / name)
+    assert [r.name for r in result.stages] == ["finetune", "evaluate", "export"]
+    export = result.stages[-1].metrics
+    assert export["prediction_agreement"] == 1.0 and export["max_abs_diff"] < 1e-3
+    assert result.stages[1].metrics["examples"] == 48
+    art = slimtune.load(result.stages[-1].path)
+    assert [e["stage"] for e in art.lineage] == ["source", "finetune", "evaluate", "export"]
