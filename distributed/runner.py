@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from slimtune.artifact import META_FILE, METRICS_FILE, Artifact, load, read_meta, read_metrics, replace_dir, write_json
+from slimtune.artifact import META_FILE, METRICS_FILE, Artifact, file_sha256, load, read_meta, read_metrics, replace_dir, write_json
 from slimtune.data import load_task_data
 from slimtune.models import load_pretrained, resolve_model_dir
 from slimtune.recipe import Recipe, content_key, load_recipe
@@ -111,7 +111,9 @@ def _source_artifact(recipe: Recipe, labels: list | None) -> Artifact:
     if labels is not None and kind.name == "classification":
         model.config.id2label = {i: str(v) for i, v in enumerate(labels)}
         model.config.label2id = {str(v): i for i, v in enumerate(labels)}
-    lineage = [{"stage": "source", "model": recipe.model, "key": recipe.root_key()}]
+    weights = Path(resolve_model_dir(recipe.model)) / "model.safetensors"
+    source_hash = file_sha256(weights) if weights.is_file() else None  # None: a hub checkpoint
+    lineage = [{"stage": "source", "model": recipe.model, "key": recipe.root_key(), "sha256": source_hash}]
     return Artifact(model=model, tokenizer=tokenizer, task=recipe.task, labels=labels, lineage=lineage)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 COLUMNS = ("stage", "metric", "value", "parameters", "size MB", "PyTorch ms", "ONNX RT ms", "notes")
@@ -74,7 +75,7 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
         table.add_row("labels", ", ".join(map(str, meta["labels"])))
     for i, entry in enumerate(meta.get("lineage", [])):
         detail = entry.get("model") or ", ".join(f"{k}={v}" for k, v in (entry.get("config") or {}).items())
-        table.add_row(f"lineage {i}", f"{entry['stage']}: {detail}  [key {entry.get('key')}, sha256 {str(entry.get('sha256'))[:12]}]")
+        table.add_row(f"lineage {i}", escape(f"{entry['stage']}: {detail}  [key {entry.get('key')}, sha256 {str(entry.get('sha256'))[:12]}]"))
     weights = path / "model.safetensors"
     if weights.is_file():
         table.add_row("weights", f"{weights.stat().st_size / 1e6:.1f} MB (model.safetensors)")
@@ -87,7 +88,7 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
         table.add_row("parameters", f"{params:,} (stored tensors)")
     for key, value in metrics.items():
         if key != "history":
-            table.add_row(f"metric {key}", f"{value:.4f}" if isinstance(value, float) else str(value))
+            table.add_row(f"metric {key}", f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
     return table
 
 

@@ -49,7 +49,10 @@ def test_lineage_and_hard_linked_weights(write_recipe, tmp_path):
     result = slimtune.run(write_recipe(STAGES), out=tmp_path / "run")
     art = slimtune.load(result.stages[1].path)
     assert [e["stage"] for e in art.lineage] == ["source", "finetune", "evaluate"]
-    assert art.lineage[-1]["sha256"] == art.lineage[-2]["sha256"]
+    assert art.lineage[-1]["sha256"] == art.lineage[-2]["sha256"] != art.lineage[0]["sha256"]
+    from slimtune.artifact import file_sha256
+
+    assert art.lineage[0]["sha256"] == file_sha256(Path(art.lineage[0]["model"]) / "model.safetensors")
     assert art.lineage[-1]["config"]["latency"] is False
     w1, w2 = (result.stages[i].path / "model.safetensors" for i in (0, 1))
     assert os.path.samefile(w1, w2)  # a measuring stage links its input's weights
