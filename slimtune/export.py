@@ -89,7 +89,10 @@ def export_onnx(artifact: Artifact, path: str | Path, opset: int = 18) -> Path:
 
 
 def ort_session(path: str | Path, threads: int | None = None):
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise SlimTuneError("ONNX Runtime is not installed", "pip install 'slimtune[cpu]' (or 'slimtune[gpu]' for onnxruntime-gpu)") from None
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
