@@ -148,13 +148,14 @@ class Trainer:
             with torch.autocast(self.strategy.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 loss, n = self.loss_fn(self.model, batch)
             # Backward each micro-batch at once (bounded memory); sum-weighted
-            # gradients are divided by the window's units below.
+            # gradients are divided by the window's units (over all ranks) below.
             (loss * n).backward()
             units += n
             weighted += loss.item() * n
+        divisor = self.strategy.grad_divisor(units)
         for p in self.model.parameters():
             if p.grad is not None:
-                p.grad.div_(max(units, 1))
+                p.grad.div_(divisor)
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
         optimizer.step()
