@@ -67,6 +67,10 @@ class ShardedBatches(Sampler[list[int]]):
         return len(self.batches)
 
 
+def batch_to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def global_batches(examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool) -> Sampler[list[int]]:
     """The seeded sequence of global batches (lists of example indices)."""
     if group_by_length and shuffle:
@@ -91,7 +95,7 @@ class SingleDevice:
         return DataLoader(examples, batch_sampler=global_batches(examples, batch_size, shuffle, seed, group_by_length), collate_fn=collate)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch_to(batch, self.device)
 
     def grad_divisor(self, units: int) -> float:
         return max(units, 1)
@@ -135,7 +139,7 @@ class DataParallel:
         return DataLoader(examples, batch_sampler=ShardedBatches(batches, self.rank, self.world_size), collate_fn=collate)
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return batch_to(batch, self.device)
 
     def grad_divisor(self, units: int) -> float:
         """DDP already averaged gradients over ranks; finish the global per-unit mean."""

@@ -36,6 +36,7 @@ class StageContext:
         train: the recipe's training defaults.
         out_dir: the stage's temporary directory; extra files written here
             (e.g. ``model.onnx``) become part of the stage's output.
+        recipe: the whole validated recipe, read-only (None outside a run).
         strategy: the execution strategy name the Trainer should use.
     """
 

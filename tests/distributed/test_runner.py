@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -7,7 +6,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import slimtune
 from slimtune.errors import SlimTuneError

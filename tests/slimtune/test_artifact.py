@@ -48,7 +48,6 @@ def test_classification_artifact_loads_with_plain_transformers(tmp_path, tiny_be
 
 
 def test_causal_lm_with_tied_embeddings_round_trips(tmp_path, tiny_llama):
-    from transformers import AutoModelForCausalLM
 
     model, tok = load_pretrained(str(tiny_llama), "AutoModelForCausalLM")
     model.config.tie_word_embeddings = True
