@@ -15,13 +15,14 @@ from slimtune.progress import progress
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
 from slimtune.stage import StageContext, StageResult, device_of
-from slimtune.distributed.strategy import build_strategy
+from slimtune.distributed.strategy import SingleDevice
 from slimtune.distributed.trainer import Trainer
 
 
 @register_stage("finetune")
 class Finetune:
     changes_model = True
+    main_process_only = False
 
     class Config(Strict):
         epochs: int = Field(1, ge=1)
@@ -31,7 +32,8 @@ class Finetune:
 
     def run(self, ctx: StageContext, config: Config) -> StageResult:
         art, kind = ctx.artifact, ctx.kind
-        strategy = build_strategy(ctx.strategy, device_of(ctx.train))
+        strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
+        ctx.strategy = strategy
         eval_fn = None
         if config.eval_split != "none" and ctx.data()[config.eval_split]:
             eval_batches = ctx.batches(config.eval_split)
@@ -42,10 +44,11 @@ class Finetune:
                 ref = [strategy.to_device(b) for b in train_batches] if train_batches else None
                 return kind.evaluate(model, moved, ref)
 
-        trainer = Trainer(art.model, kind.loss, ctx.train, strategy, ctx.collator(), eval_fn, kind.metric, kind.higher_is_better)
+        trainer = Trainer.for_stage(ctx, art.model, kind.loss, eval_fn, kind.metric, kind.higher_is_better)
         result = trainer.fit(ctx.data()["train"], config.epochs, lr=config.lr, max_steps=config.max_steps)
-        art.model = strategy.unwrap(trainer.model).cpu()
-        metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history}
+        art.model = trainer.trained_model()
+        metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history,
+                   "step_seconds": result.step_seconds, "peak_rss_mb": result.peak_rss_mb, "world_size": strategy.world_size}
         metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
         if config.eval_split != "none":
             metrics["split"] = config.eval_split

@@ -6,33 +6,48 @@ key hashes the model, task and training defaults). A stage is written to a
 hidden temporary directory and renamed when complete, so a killed run never
 leaves a half-written stage; a re-run reuses every stage whose key is
 unchanged and recomputes the rest. ``fresh=True`` ignores finished stages.
+
+Under torchrun every rank runs the loop: training stages on all ranks (they
+must agree on the resulting model, which is checked), measuring/exporting
+stages on rank 0 only; rank 0 alone writes, the others read its output.
+Training checkpoints live in ``<run>/.checkpoints/`` until their stage is
+finished, so a restarted (or re-run) job resumes mid-stage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
+from transformers import AutoConfig
 
 from slimtune.artifact import META_FILE, METRICS_FILE, Artifact, file_sha256, load, read_meta, read_metrics, replace_dir, write_json
 from slimtune.data import load_task_data
 from slimtune.models import load_pretrained, resolve_model_dir
+from slimtune.distributed import launch
+from slimtune.distributed.strategy import SingleDevice, build_strategy
+from slimtune.distributed.trainer import seed_everything
+from slimtune.errors import RecipeError, RunFailed
+from slimtune.progress import quiet
 from slimtune.recipe import Recipe, content_key, load_recipe
 from slimtune.registry import get_stage
-from slimtune.distributed.trainer import seed_everything
-from slimtune.stage import StageContext
+from slimtune.stage import StageContext, device_of
 from slimtune.tasks import task_kind
 
 log = logging.getLogger(__name__)
 STAGE_DIR = re.compile(r"^(\d{2})-([\w.-]+)$")
+CHECKPOINTS = ".checkpoints"  # training checkpoints of unfinished stages; survives a killed run
 
 
 @dataclass
@@ -58,7 +73,7 @@ class RunResult:
 
 
 def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, out: str | Path | None = None,
-        fresh: bool = False) -> RunResult:
+        fresh: bool = False, node_rank: int = 0, rdzv_endpoint: str | None = None) -> RunResult:
     """Run (or resume) ``recipe``.
 
     Args:
@@ -66,23 +81,72 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
         overrides: ``{"train.lr": 3e-5, ...}`` applied before validation.
         out: the run directory (default ``runs/<recipe name>``).
         fresh: recompute every stage even if a finished one matches.
+        node_rank, rdzv_endpoint: this machine's rank and machine 0's
+            ``HOST:PORT`` when ``distributed.nnodes`` > 1.
+
+    With ``distributed.nproc * nnodes > 1`` the stages run under torchrun
+    (see :mod:`slimtune.distributed.launch`) and this call waits for it.
 
     Raises:
-        SlimTuneError: bad recipe, model or data; nothing is written then.
+        SlimTuneError: bad recipe, model, data or launch; nothing is written then.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     # Check everything the user can get wrong before writing anything.
     resolve_model_dir(recipe.model)
     data = load_task_data(recipe.task)
+    device = device_of(recipe.train)
+    check_runtime(recipe, device)
+    run_dir = Path(out) if out else Path("runs") / recipe.name
+    config = recipe.distributed
+    if config.world_size > 1 and not launch.in_torchrun():
+        launch.check_launch(config.nproc, config.nnodes, device, node_rank, rdzv_endpoint)
+        _prepare_run_dir(run_dir, recipe, fresh)
+        args = ["run", str(run_dir / "recipe.yaml"), "--out", str(run_dir)] + ["--fresh"] * fresh + ["--quiet"] * quiet()
+        launch.launch(args, config.nproc, config.nnodes, node_rank, rdzv_endpoint, config.max_restarts, run_id=recipe.name)
+        return _collect(recipe, run_dir)
+    return _execute(recipe, data.labels, run_dir, fresh, device)
+
+
+def check_runtime(recipe: Recipe, device: torch.device) -> None:
+    """Refuse a device, precision or split this machine and model cannot run."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device is cuda but no CUDA GPU is available here", "set train.device: cpu (or auto)")
+    if device.type == "cuda" and recipe.train.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise RecipeError(f"train.precision bf16 is not supported by {torch.cuda.get_device_name(device)}", "use precision fp16 or fp32")
+    config = recipe.distributed
+    if config.strategy == "pipeline":
+        layers = getattr(AutoConfig.from_pretrained(resolve_model_dir(recipe.model)), "num_hidden_layers", None)
+        if layers is not None and config.world_size > layers:
+            raise RecipeError(f"distributed.strategy pipeline with {config.world_size} stages, but {recipe.model} has only {layers} layers",
+                              f"use at most {layers} processes (nproc * nnodes) for a pipeline")
+
+
+def _execute(recipe: Recipe, labels: list | None, run_dir: Path, fresh: bool, device: torch.device) -> RunResult:
+    """Run the stages in this process (one rank of a torchrun job, or alone)."""
+    distributed = launch.in_torchrun() and launch.env_world_size() > 1
+    if distributed and recipe.distributed.strategy == "single":
+        raise RecipeError(f"started on {launch.env_world_size()} processes but distributed.strategy is single",
+                          "set distributed.strategy to ddp, fsdp or pipeline")
+    fresh = fresh and launch.restart_count() == 0  # a restarted rank resumes instead
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
+    own_group = False
+    if distributed:
+        device = launch.worker_device(device)
+        own_group = launch.init_process_group(device)
+    try:
+        strategy = build_strategy(recipe.distributed, device, recipe.train.precision) if distributed else SingleDevice(device)
+        if strategy.is_main:
+            _prepare_run_dir(run_dir, recipe, fresh)
+        launch.barrier()
+        return _stages(recipe, labels, run_dir, fresh, strategy, distributed)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
 
-    run_dir = Path(out) if out else Path("runs") / recipe.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _remove_temporaries(run_dir)
-    _write_recipe(run_dir, recipe)
 
+def _stages(recipe: Recipe, labels, run_dir: Path, fresh: bool, strategy, distributed: bool) -> RunResult:
     key, artifact, records = recipe.root_key(), None, []
     prev_path: Path | None = None
     for i, spec in enumerate(recipe.stages, start=1):
@@ -93,14 +157,63 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
             records.append(StageRecord(i, spec.name, path, key, True, read_metrics(path)))
             artifact, prev_path = None, path
             continue
+        stage = get_stage(spec.name)()
+        if getattr(stage, "main_process_only", False) and not strategy.is_main:
+            launch.barrier()  # rank 0 runs it
+            records.append(StageRecord(i, spec.name, path, key, False, read_metrics(path)))
+            artifact, prev_path = None, path
+            continue
         if artifact is None:
-            artifact = load(prev_path) if prev_path else _source_artifact(recipe, data.labels)
+            artifact = load(prev_path) if prev_path else _source_artifact(recipe, labels)
         log.info("stage %02d %s: running", i, spec.name)
-        artifact, metrics = _run_stage(recipe, spec, artifact, path, key)
+        checkpoints = run_dir / CHECKPOINTS / f"{i:02d}-{spec.name}-{key[:12]}"
+        artifact, metrics = _run_stage(recipe, spec, stage, artifact, path, key, strategy, checkpoints)
+        if distributed:
+            if not getattr(stage, "main_process_only", False):
+                _check_agreement(artifact, spec.name)
+            launch.barrier()  # rank 0 has written the stage
+            if not strategy.is_main:
+                artifact = None  # later stages read rank 0's copy
+        if strategy.is_main:
+            shutil.rmtree(checkpoints, ignore_errors=True)
         records.append(StageRecord(i, spec.name, path, key, False, metrics))
         prev_path = path
-    _remove_stale(run_dir, {r.path.name for r in records})
+    if strategy.is_main:
+        _remove_stale(run_dir, {r.path.name for r in records})
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)  # every stage is finished
     return RunResult(recipe, run_dir, records)
+
+
+def _collect(recipe: Recipe, run_dir: Path) -> RunResult:
+    """The records of a run another process group finished."""
+    key, records = recipe.root_key(), []
+    for i, spec in enumerate(recipe.stages, start=1):
+        key = content_key([key, spec.name, spec.resolved()])
+        path = run_dir / f"{i:02d}-{spec.name}"
+        if not _finished(path, key):
+            raise RunFailed(f"stage {i:02d} {spec.name} did not finish", "re-run to resume")
+        records.append(StageRecord(i, spec.name, path, key, False, read_metrics(path)))
+    return RunResult(recipe, run_dir, records)
+
+
+def _check_agreement(artifact: Artifact, stage: str) -> None:
+    """Every rank must hold the same model after a collective stage."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(artifact.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"stage {stage}: the ranks ended with different models ({digests})")
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, fresh: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _remove_temporaries(run_dir)
+    if fresh:
+        shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    _write_recipe(run_dir, recipe)
 
 
 def _source_artifact(recipe: Recipe, labels: list | None) -> Artifact:
@@ -117,30 +230,36 @@ def _source_artifact(recipe: Recipe, labels: list | None) -> Artifact:
     return Artifact(model=model, tokenizer=tokenizer, task=recipe.task, labels=labels, lineage=lineage)
 
 
-def _run_stage(recipe: Recipe, spec, artifact: Artifact, path: Path, key: str) -> tuple[Artifact, dict]:
-    stage = get_stage(spec.name)()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def _run_stage(recipe: Recipe, spec, stage, artifact: Artifact, path: Path, key: str, strategy, checkpoints: Path) -> tuple[Artifact, dict]:
+    """Run one stage; rank 0 writes it to a temporary directory and renames it when complete."""
+    main = strategy.is_main
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}") if main else Path(tempfile.mkdtemp(prefix="slimtune-rank-"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     input_path = artifact.path
     started = time.perf_counter()
     try:
-        ctx = StageContext(artifact=artifact, train=recipe.train, out_dir=tmp, recipe=recipe, strategy=recipe.distributed.strategy)
+        ctx = StageContext(artifact=artifact, train=recipe.train, out_dir=tmp, recipe=recipe, strategy=strategy, checkpoint_dir=checkpoints)
         result = stage.run(ctx, spec.config)
         out = result.artifact
         out.lineage = out.lineage + [{"stage": spec.name, "config": spec.resolved(), "key": key}]
+        metrics = {**result.metrics, "seconds": round(time.perf_counter() - started, 2)}
+        if not main:
+            return out, metrics
         if stage.changes_model or input_path is None:
             out.write_into(tmp)
         else:
             _link_weights(input_path, tmp)
             out.lineage[-1]["sha256"] = out.lineage[-2].get("sha256")
             write_json(tmp / META_FILE, out.meta())
-        metrics = {**result.metrics, "seconds": round(time.perf_counter() - started, 2)}
         write_json(tmp / METRICS_FILE, metrics)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if not main:
+            shutil.rmtree(tmp, ignore_errors=True)
     out.path = path
     return out, metrics
 

@@ -4,7 +4,9 @@ The Trainer only talks to a strategy: ``prepare`` wraps the model,
 ``loader`` yields this process's batches, ``grad_divisor`` turns summed
 per-unit gradients into the global mean, ``reduce`` averages a number over
 processes, ``is_main`` says who writes files. ``SingleDevice`` is the one
-process case; ``DataParallel`` is DDP over an initialised process group.
+process case; ``DataParallel`` is DDP and ``FullyShardedDataParallel`` FSDP2
+over an initialised process group; ``Pipeline`` (pipeline.py) splits the
+blocks over ranks.
 
 Batches are drawn the same way under every strategy: one sequence of *global*
 batches (``train.batch_size`` examples each) from a seeded sampler; under data
@@ -15,115 +17,187 @@ the same steps, as one process - up to floating-point reduction order.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, Sampler
+from torch.utils.data import DataLoader
+
+from slimtune.distributed.modules import blocks_share_parameters, release_parameters, restore_parameters, transformer_blocks
 
 
-class LengthGroupedBatches(Sampler[list[int]]):
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """Shuffled batches of similar length (less padding, same examples per epoch).
 
-    Each epoch: shuffle, cut into mega-batches of ``50 * batch_size``, sort each
-    by length, cut into batches, shuffle the batch order. Seeded per epoch.
+    Shuffle, cut into mega-batches of ``50 * batch_size``, sort each by
+    length, cut into batches, shuffle the batch order.
     """
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.lengths), generator=g).tolist()
-        mega = 50 * self.batch_size
-        batches = []
-        for i in range(0, len(order), mega):
-            chunk = sorted(order[i : i + mega], key=lambda j: -self.lengths[j])
-            batches += [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
-        return iter([batches[i] for i in torch.randperm(len(batches), generator=g).tolist()])
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=g).tolist()
+    mega = 50 * batch_size
+    batches = []
+    for i in range(0, len(order), mega):
+        chunk = sorted(order[i : i + mega], key=lambda j: -lengths[j])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
-class ShardedBatches(Sampler[list[int]]):
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
     """This rank's share (every ``world_size``-th index) of each global batch.
 
     A final global batch with fewer examples than ranks is dropped, so every
     rank takes the same number of steps.
     """
-
-    def __init__(self, batches: Sampler[list[int]], rank: int, world_size: int):
-        self.batches, self.rank, self.world_size = batches, rank, world_size
-
-    def __iter__(self):
-        for batch in self.batches:
-            if len(batch) >= self.world_size:
-                yield batch[self.rank :: self.world_size]
-
-    def __len__(self) -> int:
-        return len(self.batches)
+    return [batch[rank::world_size] for batch in batches if len(batch) >= world_size]
 
 
 def batch_to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def global_batches(examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool) -> Sampler[list[int]]:
-    """The seeded sequence of global batches (lists of example indices)."""
-    if group_by_length and shuffle:
+def global_batches(examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, epoch: int = 0) -> list[list[int]]:
+    """Epoch ``epoch``'s sequence of global batches (lists of example indices), seeded by ``seed + epoch``."""
+    if not shuffle:
+        return [list(range(i, min(i + batch_size, len(examples)))) for i in range(0, len(examples), batch_size)]
+    if group_by_length:
         lengths = [len(e["text"]) + len(e.get("text_pair", "")) for e in examples]  # characters: a cheap proxy
-        return LengthGroupedBatches(lengths, batch_size, seed)
-    order = RandomSampler(examples, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(examples)
-    return BatchSampler(order, batch_size, drop_last=False)
+        return length_grouped_batches(lengths, batch_size, seed + epoch)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@dataclass
-class SingleDevice:
+class Strategy:
+    """Placement, data sharding and collectives for the Trainer.
+
+    Subclasses override what differs; the defaults are the one-process case.
+    Every method a rank calls inside the Trainer is called on all ranks in
+    the same order, so collectives line up.
+    """
+
+    name = "single"
     device: torch.device = torch.device("cpu")
-    is_main: bool = True
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        """Place (and wrap or shard) ``model`` for training."""
         return model.to(self.device)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        """A module every rank can call forward on (collectively), e.g. to evaluate."""
         return model
 
-    def loader(self, examples: list, batch_size: int, collate, shuffle: bool, seed: int, group_by_length: bool = False) -> DataLoader:
-        return DataLoader(examples, batch_sampler=global_batches(examples, batch_size, shuffle, seed, group_by_length), collate_fn=collate)
+    def finalize(self, model: nn.Module) -> nn.Module:
+        """The trained model as a plain CPU module with full tensors, on every rank."""
+        return self.unwrap(model).cpu()
+
+    def full_state_dict(self, model: nn.Module, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Full (unsharded) CPU tensors of the parameters/buffers ``keep`` selects, on every rank."""
+        state = self.unwrap(model).state_dict()
+        return {k: v.detach().cpu() for k, v in state.items() if keep is None or keep(k)}
+
+    def loader(self, examples: list, batch_size: int, collate, shuffle: bool, seed: int, group_by_length: bool = False,
+               epoch: int = 0, skip: int = 0) -> DataLoader:
+        """This rank's batches of epoch ``epoch``, the first ``skip`` left out (to resume mid-epoch)."""
+        batches = self.batches(examples, batch_size, shuffle, seed, group_by_length, epoch)[skip:]
+        return DataLoader(examples, batch_sampler=batches, collate_fn=collate)
+
+    def batches(self, examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, epoch: int = 0) -> list[list[int]]:
+        """This rank's batches (lists of example indices) of epoch ``epoch``."""
+        return global_batches(examples, batch_size, shuffle, seed, group_by_length, epoch)
 
     def to_device(self, batch: dict) -> dict:
         return batch_to(batch, self.device)
 
+    def forward_backward(self, model: nn.Module, window: list[dict], loss_fn, scale) -> tuple[float, int]:
+        """Forward and backward every micro-batch of ``window``.
+
+        ``loss_fn(model, batch) -> (mean loss, units)`` (autocast applied by the
+        caller); ``scale(loss)`` applies the gradient scaler. Gradients are left
+        as sums over units; returns (summed loss, units) of this rank.
+        """
+        units, weighted = 0, 0.0
+        for batch in window:
+            loss, n = loss_fn(model, self.to_device(batch))
+            # Backward each micro-batch at once (bounded memory); the Trainer
+            # divides the summed gradients by the global unit count.
+            scale(loss * n).backward()
+            units += n
+            weighted += loss.item() * n
+        return weighted, units
+
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        """The fp16 loss scaler (a no-op when ``enabled`` is false)."""
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
     def grad_divisor(self, units: int) -> float:
+        """What turns this rank's summed gradients into the global per-unit mean."""
         return max(units, 1)
 
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def reduce(self, value: float) -> float:
+        """The mean of ``value`` over ranks."""
         return value
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order (a picklable object)."""
+        if not dist.is_initialized():
+            return [value]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+
+    def checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Model and optimizer state for ``torch.distributed.checkpoint`` (sharded where the model is)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def load_checkpoint_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def snapshot(self, model: nn.Module) -> dict:
+        """A copy of the training state of ``model`` (to restore the best epoch)."""
+        return {k: v.detach().clone() for k, v in self.unwrap(model).state_dict().items()}
+
+    def restore(self, model: nn.Module, snapshot: dict) -> None:
+        self.unwrap(model).load_state_dict(snapshot)
 
 
 @dataclass
-class DataParallel:
+class SingleDevice(Strategy):
+    device: torch.device = torch.device("cpu")
+
+
+@dataclass
+class DataParallel(Strategy):
     """DistributedDataParallel: every rank holds the model and trains on its shard.
 
     Needs an initialised default process group (gloo on CPU, NCCL on GPU).
     """
 
-    device: torch.device
+    name = "ddp"
+    device: torch.device = torch.device("cpu")
     rank: int = 0
     world_size: int = 1
 
     @classmethod
-    def from_process_group(cls, device: torch.device) -> "DataParallel":
+    def from_process_group(cls, device: torch.device, **options) -> "DataParallel":
         if not dist.is_initialized():
-            raise RuntimeError("DataParallel needs torch.distributed.init_process_group() first")
-        return cls(device, dist.get_rank(), dist.get_world_size())
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+            raise RuntimeError(f"{cls.__name__} needs torch.distributed.init_process_group() first")
+        return cls(device, dist.get_rank(), dist.get_world_size(), **options)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -134,28 +208,110 @@ class DataParallel:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
 
-    def loader(self, examples: list, batch_size: int, collate, shuffle: bool, seed: int, group_by_length: bool = False) -> DataLoader:
-        batches = global_batches(examples, batch_size, shuffle, seed, group_by_length)
-        return DataLoader(examples, batch_sampler=ShardedBatches(batches, self.rank, self.world_size), collate_fn=collate)
-
-    def to_device(self, batch: dict) -> dict:
-        return batch_to(batch, self.device)
+    def batches(self, examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, epoch: int = 0) -> list[list[int]]:
+        return shard_batches(global_batches(examples, batch_size, shuffle, seed, group_by_length, epoch), self.rank, self.world_size)
 
     def grad_divisor(self, units: int) -> float:
         """DDP already averaged gradients over ranks; finish the global per-unit mean."""
-        total = torch.tensor([float(units)], device=self.device)
-        dist.all_reduce(total)
-        return max(total.item(), 1.0) / self.world_size
+        return max(all_reduce_sum(units, self.device), 1.0) / self.world_size
 
     def reduce(self, value: float) -> float:
-        total = torch.tensor([value], device=self.device, dtype=torch.float64)
-        dist.all_reduce(total)
-        return total.item() / self.world_size
+        return all_reduce_sum(value, self.device) / self.world_size
 
 
-def build_strategy(name: str, device: torch.device):
-    if name == "single":
+@dataclass
+class FullyShardedDataParallel(DataParallel):
+    """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+    Each transformer block is one FSDP unit and the root holds the rest
+    (embeddings, head), so at most one block's full weights are gathered at
+    a time; the next block is prefetched while the current one computes.
+    ``reshard_after_forward=True`` is ZeRO-3, ``False`` keeps gathered
+    weights until backward (ZeRO-2-like: more memory, fewer all-gathers).
+    ``param_dtype`` casts gathered weights for compute (``MixedPrecisionPolicy``;
+    gradients are reduced in fp32); ``cpu_offload`` keeps the shards and the
+    optimizer step on the CPU. Gradients are averaged over ranks like DDP.
+
+    The caller's module keeps its buffers but its parameter storage is
+    released while the sharded copy trains; ``finalize`` gathers the full
+    trained tensors back into it.
+    """
+
+    name = "fsdp"
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    param_dtype: torch.dtype | None = None
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        self._original = model
+        sharded = copy.deepcopy(model)
+        release_parameters(model)
+        if not self.cpu_offload:
+            sharded.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        options = dict(mesh=mesh, reshard_after_forward=self.reshard_after_forward,
+                       mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
+                       offload_policy=CPUOffloadPolicy(pin_memory=False) if self.cpu_offload else OffloadPolicy())
+        blocks = transformer_blocks(sharded)
+        if not blocks_share_parameters(blocks):  # shared weights must live in one unit: the root
+            for block in blocks:
+                fully_shard(block, **options)
+            for before, after in zip(blocks, list(blocks)[1:]):
+                before.set_modules_to_forward_prefetch([after])
+                after.set_modules_to_backward_prefetch([before])
+        fully_shard(sharded, **options)
+        return sharded
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def full_state_dict(self, model: nn.Module, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Gather full tensors (never local shards) of the selected keys, on every rank.
+
+        One path for the whole model and for subsets (e.g. only trained
+        parameters); ``keep`` must select the same keys on every rank.
+        """
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for name, value in model.state_dict().items():
+            if keep is None or keep(name):
+                full = value.full_tensor() if isinstance(value, DTensor) else value
+                out[name] = full.detach().cpu()
+        return out
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        original = self._original
+        restore_parameters(original, self.full_state_dict(model))
+        return original.cpu()
+
+    def grad_scaler(self, enabled: bool):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(self.device.type, enabled=enabled)
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    total = torch.tensor([float(value)], device=device, dtype=torch.float64)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def build_strategy(config, device: torch.device, precision: str = "fp32") -> Strategy:
+    """The strategy a recipe's ``distributed`` block names (the process group must be up for all but single)."""
+    if config.strategy == "single":
         return SingleDevice(device)
-    if name == "ddp":
+    if config.strategy == "ddp":
         return DataParallel.from_process_group(device)
-    raise ValueError(f"strategy {name!r} is not available")
+    if config.strategy == "fsdp":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        return FullyShardedDataParallel.from_process_group(device, reshard_after_forward=config.fsdp.reshard_after_forward,
+                                                          cpu_offload=config.fsdp.cpu_offload, param_dtype=dtype)
+    if config.strategy == "pipeline":
+        from slimtune.distributed.pipeline import Pipeline
+
+        return Pipeline.from_process_group(device, schedule=config.pipeline.schedule, microbatches=config.pipeline.microbatches)
+    raise ValueError(f"unknown strategy {config.strategy!r}")

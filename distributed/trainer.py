@@ -1,24 +1,31 @@
 """The one training loop every training stage uses.
 
 AdamW (no decay on biases and norms), linear warmup then linear decay,
-gradient accumulation, gradient clipping, fp32 or bf16 autocast, evaluation
-after every epoch, the best epoch's weights kept, everything seeded.
+gradient accumulation, gradient clipping, fp32 / bf16 / fp16 (with a gradient
+scaler) autocast, optional activation checkpointing, evaluation after every
+epoch, the best epoch's weights kept, resumable sharded checkpoints,
+everything seeded.
 
 A stage supplies the objective as ``loss_fn(model, batch) -> (loss, n)``
 where ``loss`` is the mean over ``n`` units (examples or tokens). Under
 accumulation each micro-batch is weighted by ``n / sum(n)`` of its window, so
 ``grad_accum=k`` with batch ``b`` gives the same update as batch ``k*b``.
-Placement, data sharding and reductions go through a strategy
-(:mod:`slimtune.distributed.strategy`), which is where distributed execution
-plugs in.
+Placement, data sharding, forward/backward and reductions go through a
+strategy (:mod:`slimtune.distributed.strategy`), so a stage that trains
+through ``Trainer.for_stage`` runs single-process, under DDP, FSDP or a
+pipeline without code of its own.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import os
+import resource
+import signal
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,8 +34,13 @@ import transformers
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
+from slimtune.distributed import checkpoint
+from slimtune.distributed.checkpoint import TrainerState
+from slimtune.distributed.modules import enable_activation_checkpointing
+from slimtune.distributed.strategy import SingleDevice
 from slimtune.progress import progress
 from slimtune.recipe import TrainConfig
+from slimtune.stage import device_of
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +59,13 @@ class TrainResult:
     best_epoch: int | None = None
     best: dict = field(default_factory=dict)
     steps: int = 0
+    resumed_from: int | None = None
+    step_seconds: float | None = None  # mean wall time of an optimizer step (this run, without evaluation)
+    peak_rss_mb: list[float] = field(default_factory=list)  # peak resident memory of each rank's process
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FAIL_AT = "SLIMTUNE_FAIL_AT"  # testing hook: "STEP:RANK" kills that rank after STEP, on torchrun's first attempt
 
 
 class Trainer:
@@ -55,24 +74,46 @@ class Trainer:
     Args:
         model: the module to train; only parameters with ``requires_grad`` train.
         loss_fn: ``(model, batch) -> (mean loss, units)``.
-        config: batch size, lr, schedule, precision, seed...
-        strategy: placement and data sharding (``SingleDevice`` by default).
+        config: batch size, lr, schedule, precision, checkpointing, seed...
+        strategy: placement, sharding and collectives (``SingleDevice``, DDP, FSDP, pipeline).
         collate: turns a list of examples into a batch of tensors.
-        eval_fn: ``model -> metrics``; called after every epoch.
+        eval_fn: ``model -> metrics``; called after every epoch (on every rank).
         metric: key of ``eval_fn``'s result that picks the best epoch.
         higher_is_better: direction of ``metric``.
+        checkpoint_dir: where ``config.checkpoint_every`` saves resumable
+            checkpoints; ``fit`` resumes from the newest one found there.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, strategy, collate,
-                 eval_fn: EvalFn | None = None, metric: str | None = None, higher_is_better: bool = True):
+                 eval_fn: EvalFn | None = None, metric: str | None = None, higher_is_better: bool = True,
+                 checkpoint_dir: Path | None = None):
         self.config = config
         self.strategy = strategy
+        self.checkpointing = config.activation_checkpointing
+        if self.checkpointing:
+            enable_activation_checkpointing(model)
         self.model = strategy.prepare(model)
         self.loss_fn = loss_fn
         self.collate = collate
         self.eval_fn = eval_fn
         self.metric = metric
         self.higher_is_better = higher_is_better
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.dtype = AUTOCAST[config.precision]
+
+    @classmethod
+    def for_stage(cls, ctx, model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn | None = None, metric: str | None = None,
+                  higher_is_better: bool = True, collate=None) -> "Trainer":
+        """A Trainer wired to a stage's context: its training config, strategy and checkpoint directory."""
+        strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
+        return cls(model, loss_fn, ctx.train, strategy, collate or ctx.collator(), eval_fn, metric, higher_is_better, ctx.checkpoint_dir)
+
+    def trained_model(self) -> nn.Module:
+        """The trained model as a plain CPU module with full tensors (on every rank)."""
+        model = self.strategy.finalize(self.model)
+        if self.checkpointing and getattr(model, "is_gradient_checkpointing", False):
+            model.gradient_checkpointing_disable()
+        return model
 
     def optimizer(self, lr: float) -> torch.optim.Optimizer:
         decay, no_decay = [], []
@@ -88,80 +129,113 @@ class Trainer:
 
     def fit(self, examples: list, epochs: int, lr: float | None = None, max_steps: int | None = None) -> TrainResult:
         """Run ``epochs`` epochs (or ``max_steps`` optimizer steps); restore the best epoch."""
-        cfg = self.config
+        cfg, strategy = self.config, self.strategy
         seed_everything(cfg.seed)
-        loader = self.strategy.loader(examples, cfg.batch_size, self.collate, shuffle=True, seed=cfg.seed, group_by_length=cfg.group_by_length)
-        steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-        total = min(steps_per_epoch * epochs, max_steps or math.inf)
+        batches = len(strategy.batches(examples, cfg.batch_size, True, cfg.seed, cfg.group_by_length))
+        total = min(math.ceil(batches / cfg.grad_accum) * epochs, max_steps or math.inf)
         optimizer = self.optimizer(lr or cfg.lr)
         schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total), total)
-        result, best_state = TrainResult(), None
-        bar = progress(total=total, desc="train")
-        for epoch in range(epochs):
-            train_loss = self._epoch(loader, optimizer, schedule, bar, result, total)
-            record = {"epoch": epoch + 1, "train_loss": train_loss, "step": result.steps}
+        scaler = strategy.grad_scaler(cfg.precision == "fp16")
+        state, best_state = TrainerState(), None
+        result = TrainResult()
+        if self.checkpoint_dir and (found := checkpoint.latest(self.checkpoint_dir)):
+            state, best_state = self._load_checkpoint(found, optimizer, schedule, scaler)
+            result.resumed_from = state.steps
+            log.info("resuming from %s (step %d)", found, state.steps)
+        bar = progress(total=total, desc="train", initial=state.steps)
+        first_step, train_seconds = state.steps, 0.0
+        while state.epoch < epochs and state.steps < total:
+            loader = strategy.loader(examples, cfg.batch_size, self.collate, shuffle=True, seed=cfg.seed,
+                                     group_by_length=cfg.group_by_length, epoch=state.epoch, skip=state.epoch_steps * cfg.grad_accum)
+            started = time.perf_counter()
+            self._epoch(loader, optimizer, schedule, scaler, bar, state, total, best_state)
+            train_seconds += time.perf_counter() - started
+            losses = state.epoch_losses
+            record = {"epoch": state.epoch + 1, "train_loss": strategy.reduce(float(np.mean(losses))) if losses else float("nan"), "step": state.steps}
             if self.eval_fn is not None:
                 self.model.eval()
-                record.update(self.eval_fn(self.strategy.unwrap(self.model)))
-            result.history.append(record)
-            log.info("epoch %d: %s", epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
-            if self._is_better(record, result.best):
-                result.best_epoch, result.best = epoch + 1, record
-                if epoch + 1 < epochs:  # the last epoch's weights are the model itself
-                    best_state = copy.deepcopy(self.strategy.unwrap(self.model).state_dict())
-                else:
-                    best_state = None
-            if result.steps >= total:
-                break
+                record.update(self.eval_fn(strategy.unwrap(self.model)))
+            state.history.append(record)
+            log.info("epoch %d: %s", state.epoch + 1, {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()})
+            last = state.epoch + 1 == epochs or state.steps >= total
+            if self._is_better(record, state.best):
+                state.best_epoch, state.best = state.epoch + 1, record
+                best_state = None if last else strategy.snapshot(self.model)  # the last epoch's weights are the model itself
+            state.epoch, state.epoch_steps, state.epoch_losses = state.epoch + 1, 0, []
         bar.close()
         if best_state is not None:
-            self.strategy.unwrap(self.model).load_state_dict(best_state)
+            strategy.restore(self.model, best_state)
         self.model.eval()
+        result.history, result.best_epoch, result.best, result.steps = state.history, state.best_epoch, state.best, state.steps
+        if state.steps > first_step:
+            result.step_seconds = strategy.reduce(train_seconds / (state.steps - first_step))
+        result.peak_rss_mb = strategy.gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
         return result
 
-    def _epoch(self, loader, optimizer, schedule, bar, result: TrainResult, total: int) -> float:
-        cfg = self.config
+    def _epoch(self, loader, optimizer, schedule, scaler, bar, state: TrainerState, total: int, best_state) -> None:
         self.model.train()
-        window, losses = [], []
+        window = []
         for batch in loader:
             window.append(batch)
-            if len(window) == cfg.grad_accum:
-                losses.append(self._step(window, optimizer, schedule))
+            if len(window) == self.config.grad_accum:
+                self._take_step(window, optimizer, schedule, scaler, bar, state, best_state)
                 window = []
-                result.steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if result.steps >= total:
-                    break
-        if window and result.steps < total:
-            losses.append(self._step(window, optimizer, schedule))
-            result.steps += 1
-            bar.update(1)
-        return self.strategy.reduce(float(np.mean(losses))) if losses else float("nan")
+                if state.steps >= total:
+                    return
+        if window:  # a shorter last window
+            self._take_step(window, optimizer, schedule, scaler, bar, state, best_state)
 
-    def _step(self, window: list[dict], optimizer, schedule) -> float:
-        """One optimizer step over the micro-batches of ``window``."""
-        cfg = self.config
-        units, weighted = 0, 0.0
-        for batch in window:
-            batch = self.strategy.to_device(batch)
-            with torch.autocast(self.strategy.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                loss, n = self.loss_fn(self.model, batch)
-            # Backward each micro-batch at once (bounded memory); sum-weighted
-            # gradients are divided by the window's units (over all ranks) below.
-            (loss * n).backward()
-            units += n
-            weighted += loss.item() * n
-        divisor = self.strategy.grad_divisor(units)
-        for p in self.model.parameters():
+    def _take_step(self, window, optimizer, schedule, scaler, bar, state: TrainerState, best_state) -> None:
+        state.epoch_losses.append(self._step(window, optimizer, schedule, scaler))
+        state.steps += 1
+        state.epoch_steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{state.epoch_losses[-1]:.4f}")
+        every = self.config.checkpoint_every
+        if self.checkpoint_dir and every and state.steps % every == 0:
+            self._save_checkpoint(optimizer, schedule, scaler, state, best_state)
+        _maybe_fail(state.steps, self.strategy.rank)
+
+    def _step(self, window: list[dict], optimizer, schedule, scaler) -> float:
+        """One optimizer step over the micro-batches of ``window``; returns its mean loss."""
+        cfg, strategy = self.config, self.strategy
+        weighted, units = strategy.forward_backward(self.model, window, self._loss, scaler.scale)
+        divisor = strategy.grad_divisor(units)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
             if p.grad is not None:
                 p.grad.div_(divisor)
+        scaler.unscale_(optimizer)
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        optimizer.step()
+            strategy.clip_grad_norm(params, cfg.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         return weighted / max(units, 1)
+
+    def _loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+        with torch.autocast(self.strategy.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.loss_fn(model, batch)
+
+    def _save_checkpoint(self, optimizer, schedule, scaler, state: TrainerState, best_state) -> None:
+        tensors = self.strategy.checkpoint_state(self.model, optimizer)
+        if best_state is not None:
+            tensors["best"] = best_state
+        state.schedule, state.scaler, state.has_best = schedule.state_dict(), scaler.state_dict(), best_state is not None
+        checkpoint.save(self.checkpoint_dir, tensors, state)
+
+    def _load_checkpoint(self, path: Path, optimizer, schedule, scaler) -> tuple[TrainerState, dict | None]:
+        tensors = self.strategy.checkpoint_state(self.model, optimizer)
+        has_best = checkpoint.has_best(path)
+        if has_best:
+            tensors["best"] = self.strategy.snapshot(self.model)
+        state = checkpoint.load(path, tensors)
+        self.strategy.load_checkpoint_state(self.model, optimizer, tensors)
+        schedule.load_state_dict(state.schedule)
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        return state, tensors.get("best")
 
     def _is_better(self, record: dict, best: dict) -> bool:
         if self.metric is None or self.metric not in record:
@@ -169,3 +243,14 @@ class Trainer:
         if not best:
             return True
         return record[self.metric] > best[self.metric] if self.higher_is_better else record[self.metric] < best[self.metric]
+
+
+def _maybe_fail(step: int, rank: int) -> None:
+    """The fault-injection hook behind ``SLIMTUNE_FAIL_AT`` (tests of restart-and-resume)."""
+    spec = os.environ.get(FAIL_AT)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    fail_step, fail_rank = (int(x) for x in spec.split(":"))
+    if step == fail_step and rank == fail_rank:
+        log.warning("%s: killing rank %d after step %d", FAIL_AT, rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -81,6 +81,7 @@ def measure_latency(artifact: Artifact, examples: list[dict], config: EvaluateCo
 @register_stage("evaluate")
 class Evaluate:
     changes_model = False
+    main_process_only = True  # measures or writes files; other ranks wait
     Config = EvaluateConfig
 
     def run(self, ctx: StageContext, config: EvaluateConfig) -> StageResult:

@@ -21,12 +21,12 @@ __version__ = "0.1.0"
 __all__ = ["Artifact", "Recipe", "SlimTuneError", "load", "load_recipe", "run", "__version__"]
 
 
-def run(recipe, overrides=None, out=None, fresh=False):
+def run(recipe, overrides=None, out=None, fresh=False, **launch):
     """Run a recipe (shipped name, YAML path or Recipe); see ``slimtune.distributed.runner.run``."""
     from slimtune.distributed.runner import run as _run
 
     _load_packages()
-    return _run(recipe, overrides=overrides, out=out, fresh=fresh)
+    return _run(recipe, overrides=overrides, out=out, fresh=fresh, **launch)
 
 
 # Packages that register stages, module types and ONNX lowerings on import.

@@ -1,6 +1,8 @@
 """``slimtune``: a thin command line over the Python API.
 
     slimtune run RECIPE [--set key.path=value ...] [--out DIR] [--fresh]
+                 [--nproc N] [--strategy ddp|fsdp|pipeline] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
+                 [--max-restarts K]
     slimtune eval ARTIFACT_DIR [--split test] [--no-latency]
     slimtune info ARTIFACT_DIR
     slimtune recipes
@@ -33,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. train.lr=3e-5 or stages.finetune.epochs=2")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage, ignoring finished ones")
+    g = p.add_argument_group("distributed (torchrun)")
+    g.add_argument("--nproc", type=int, help="processes on this machine (sets distributed.nproc; strategy ddp unless the recipe names one)")
+    g.add_argument("--strategy", choices=["single", "ddp", "fsdp", "pipeline"], help="sets distributed.strategy")
+    g.add_argument("--nnodes", type=int, help="machines taking part (sets distributed.nnodes)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT on machine 0 that every machine can reach")
+    g.add_argument("--max-restarts", type=int, help="restart all ranks up to N times after one dies; training resumes from its last checkpoint")
 
     p = sub.add_parser("eval", parents=[common], help="measure an artifact directory")
     p.add_argument("artifact")
@@ -46,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     sub.add_parser("recipes", parents=[common], help="list the shipped recipes")
+
+    p = sub.add_parser("plan", parents=[common], help="predict per-device memory and communication of a recipe's training")
+    p.add_argument("recipe", help="a YAML file or a shipped recipe name")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
+    p.add_argument("--nproc", type=int, help="processes (sets distributed.nproc; default: the recipe's)")
+    p.add_argument("--strategy", help="single, ddp, fsdp or pipeline (default: every strategy; with --measure the recipe's)")
+    p.add_argument("--measure", action="store_true", help="train a few steps and print measured beside predicted peak memory")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps to measure (after 2 warm-up steps)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--measure-out", help=argparse.SUPPRESS)  # torchrun ranks of --measure write their measurements here
     return parser
 
 
@@ -62,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"  fix: {err.hint}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(err, "exit_code", EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, re-run to resume", file=sys.stderr)
         return 130
@@ -73,7 +92,8 @@ def _configure(quiet: bool) -> None:
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     set_quiet(quiet)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    other_rank = os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 logs for everyone
+    logging.basicConfig(level=logging.WARNING if quiet or other_rank else logging.INFO, format="%(message)s", stream=sys.stderr)
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -86,13 +106,29 @@ def cmd_run(args) -> int:
     import slimtune
     from slimtune.recipe import parse_set
 
-    result = slimtune.run(args.recipe, overrides=parse_set(args.overrides), out=args.out, fresh=args.fresh)
+    overrides = parse_set(args.overrides)
+    overrides.update(_distributed_overrides(args, overrides))
+    result = slimtune.run(args.recipe, overrides=overrides, out=args.out, fresh=args.fresh, node_rank=args.node_rank,
+                          rdzv_endpoint=args.rdzv_endpoint)
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("SLIMTUNE_LAUNCHED") == "1":
+        return 0  # rank 0 reports, or the `slimtune run` that launched this one
     from slimtune.eval.report import stage_table, write_summary
 
     write_summary(result)
     _console().print(stage_table(result.recipe.name, [(r.name, r.path, r.reused, r.metrics) for r in result.stages]))
     print(f"run directory: {result.run_dir}")
     return 0
+
+
+def _distributed_overrides(args, overrides: dict) -> dict:
+    out = {f"distributed.{k}": v for k, v in (("nproc", args.nproc), ("nnodes", args.nnodes), ("max_restarts", args.max_restarts),
+                                               ("strategy", args.strategy)) if v is not None}
+    if (args.nproc or 1) * (args.nnodes or 1) > 1 and not args.strategy and "distributed.strategy" not in overrides:
+        from slimtune.recipe import load_recipe
+
+        if load_recipe(args.recipe).distributed.strategy == "single":
+            out["distributed.strategy"] = "ddp"
+    return out
 
 
 def cmd_eval(args) -> int:
@@ -138,13 +174,27 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from slimtune.distributed.plan import compare_table, plan_command, plan_table
+
+    report = plan_command(args.recipe, args.overrides, nproc=args.nproc, strategy=args.strategy, measure_=args.measure,
+                          steps=args.steps, measure_out=args.measure_out)
+    if report is None:
+        return 0  # a torchrun rank; the launching process reports
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        _console().print(compare_table(report) if report.measurements else plan_table(report))
+    return 0
+
+
 def _console():
     from rich.console import Console
 
     return Console(width=max(160, Console().width))
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes, "plan": cmd_plan}
 
 
 if __name__ == "__main__":

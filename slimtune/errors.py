@@ -31,3 +31,13 @@ class ModelSourceError(SlimTuneError):
 
 class ArtifactError(SlimTuneError):
     """An artifact directory is missing, incomplete, or of an unknown format."""
+
+
+class LaunchError(SlimTuneError):
+    """A distributed run cannot start here (too many processes, unreachable rendezvous...)."""
+
+
+class RunFailed(SlimTuneError):
+    """A launched run failed after starting; its ranks printed why. Not an input error."""
+
+    exit_code = 1

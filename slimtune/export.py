@@ -148,6 +148,7 @@ class ExportStage:
     """Export the artifact to ONNX beside its weights and validate it."""
 
     changes_model = False
+    main_process_only = True  # measures or writes files; other ranks wait
 
     class Config(Strict):
         format: Literal["onnx"] = "onnx"

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slimtune.errors import RecipeError
 
@@ -69,16 +69,46 @@ class TrainConfig(Strict):
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     grad_accum: int = Field(1, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 trains with a gradient scaler")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward (less memory, ~30% more compute)")
+    checkpoint_every: int | None = Field(None, gt=0, description="save a resumable (sharded) training checkpoint every N optimizer steps")
     group_by_length: bool = Field(False, description="batch examples of similar length together (less padding)")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, gt=0)
 
 
+class FSDPConfig(Strict):
+    reshard_after_forward: bool = Field(True, description="true: ZeRO-3 (free gathered weights after forward); false: ZeRO-2")
+    cpu_offload: bool = Field(False, description="keep sharded parameters, gradients and optimizer state in CPU memory")
+
+
+class PipelineConfig(Strict):
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    microbatches: int = Field(2, ge=1, description="micro-batches each (per-step) batch is cut into")
+
+
 class DistributedConfig(Strict):
-    strategy: Literal["single"] = "single"
-    nproc: int = Field(1, ge=1, le=1)
+    """How training stages run: one process, or several under torchrun."""
+
+    strategy: Literal["single", "ddp", "fsdp", "pipeline"] = "single"
+    nproc: int = Field(1, ge=1, description="processes per machine")
+    nnodes: int = Field(1, ge=1, description="machines")
+    max_restarts: int = Field(0, ge=0, description="torchrun restarts after a rank dies (resumes from the last checkpoint)")
+    fsdp: FSDPConfig = FSDPConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.strategy == "single" and self.world_size > 1:
+            raise ValueError(f"strategy 'single' runs one process but nproc*nnodes is {self.world_size}; use strategy ddp, fsdp or pipeline")
+        if self.strategy == "pipeline" and self.world_size < 2:
+            raise ValueError("strategy 'pipeline' needs at least 2 processes (one per pipeline stage); set nproc: 2")
+        return self
 
 
 class StageSpec(BaseModel):
@@ -109,7 +139,8 @@ class Recipe(Strict):
 
     def root_key(self) -> str:
         """Hash of everything a stage's input depends on before any stage ran."""
-        base = self.model_dump(mode="json", include={"model", "task", "train"})
+        # How training is executed (not what it computes) stays out of the key.
+        base = self.model_dump(mode="json", include={"model", "task", "train"}, exclude={"train": {"activation_checkpointing", "checkpoint_every"}})
         return content_key(base)
 
 

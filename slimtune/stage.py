@@ -4,7 +4,10 @@ A stage is a small class registered by name (``@register_stage("finetune")``)
 with a typed ``Config`` (a :class:`slimtune.recipe.Strict` model) and
 ``run(ctx, config) -> StageResult``. Stages that only measure or export set
 ``changes_model = False``; the runner then links the input's weight files
-instead of writing them again.
+instead of writing them again. Under several processes every rank runs every
+stage (training is collective), except stages that set
+``main_process_only = True`` (measuring, exporting), which run on rank 0
+while the others wait.
 """
 
 from __future__ import annotations
@@ -37,14 +40,22 @@ class StageContext:
         out_dir: the stage's temporary directory; extra files written here
             (e.g. ``model.onnx``) become part of the stage's output.
         recipe: the whole validated recipe, read-only (None outside a run).
-        strategy: the execution strategy name the Trainer should use.
+        strategy: the execution strategy object the Trainer uses (built by
+            the runner from ``recipe.distributed``; None = one device).
+        checkpoint_dir: where training checkpoints of this stage live; it
+            survives a killed run so a restart resumes from it.
     """
 
     artifact: Artifact
     train: TrainConfig
     out_dir: Path
     recipe: Recipe | None = None
-    strategy: str = "single"
+    strategy: Any = None
+    checkpoint_dir: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.strategy is None or self.strategy.is_main
 
     @property
     def kind(self):
@@ -77,5 +88,6 @@ class Stage(Protocol):
     name: ClassVar[str]
     Config: ClassVar[type[Strict]]
     changes_model: ClassVar[bool]
+    main_process_only: ClassVar[bool]
 
     def run(self, ctx: StageContext, config: Strict) -> StageResult: ...

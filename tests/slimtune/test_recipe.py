@@ -52,7 +52,7 @@ def test_unknown_stage_option_lists_allowed(write_recipe):
 
 
 def test_literal_lists_allowed_values(write_recipe):
-    with pytest.raises(RecipeError, match="'fp32' or 'bf16'"):
+    with pytest.raises(RecipeError, match="'fp32', 'bf16' or 'fp16'"):
         load_recipe(write_recipe("- finetune: {}\n"), overrides={"train.precision": "fp8"})
 
 
@@ -84,3 +84,14 @@ def test_malformed_yaml_and_missing_recipe(tmp_path):
         load_recipe(bad)
     with pytest.raises(RecipeError, match="did you mean 'minilm-sentiment'"):
         load_recipe("minilm-sentimnt")
+
+
+@pytest.mark.parametrize("distributed,message", [
+    ("{strategy: single, nproc: 2}", "strategy 'single' runs one process"),
+    ("{strategy: pipeline, nproc: 1}", "needs at least 2 processes"),
+    ("{strategy: zero, nproc: 2}", "'single', 'ddp', 'fsdp' or 'pipeline'"),
+    ("{strategy: ddp, nproc: 0}", "distributed.nproc"),
+])
+def test_inconsistent_distributed_block_is_rejected(write_recipe, distributed, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write_recipe("- finetune: {epochs: 1}\n", extra=f"distributed: {distributed}\n"))

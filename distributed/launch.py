@@ -1,0 +1,156 @@
+"""Start a recipe on several processes with torchrun, and join the process group inside them.
+
+``slimtune run RECIPE --nproc 2`` (or a recipe with ``distributed.nproc: 2``)
+checks everything it can first (recipe, model, data, how many processes
+this machine can run, the rendezvous endpoint), then runs
+``python -m torch.distributed.run ... -m slimtune run <run_dir>/recipe.yaml``
+and waits. torchrun owns the worker processes: it restarts them
+(``--max-restarts``) when one dies and kills the rest when one fails, so
+nothing is left behind. Inside a worker, :func:`init_process_group` joins
+(gloo on CPU, NCCL on GPU).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from slimtune.errors import LaunchError, RunFailed
+
+DEFAULT_PORT = 29400
+
+
+def in_torchrun() -> bool:
+    """True inside a process started by torchrun (or another launcher setting the env:// variables)."""
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def restart_count() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def worker_device(device: torch.device) -> torch.device:
+    """This worker's device: ``cuda:LOCAL_RANK`` on GPUs, the CPU otherwise."""
+    if device.type == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_process_group(device: torch.device) -> bool:
+    """Join the default process group from torchrun's env; False if one was already up."""
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent hosts the store
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0 and not agent_store,
+                          timeout=timedelta(minutes=5))
+    # A restarted job meets in the same store: keep each attempt's keys apart
+    # so no rank reads an address a dead attempt left behind.
+    store = dist.PrefixStore(f"slimtune/attempt-{restart_count()}", store)
+    # Long timeout: ranks wait at a barrier while rank 0 measures or exports.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(minutes=60))
+    return True
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_launch(nproc: int, nnodes: int, device: torch.device, node_rank: int = 0, rdzv_endpoint: str | None = None) -> None:
+    """Refuse launches this machine cannot run, before any process starts."""
+    if device.type == "cuda":
+        available, what = torch.cuda.device_count(), "GPUs"
+    else:
+        available, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "CPU cores"
+    if nproc > available:
+        raise LaunchError(f"nproc {nproc} is more processes than this machine has {what} ({available})",
+                          f"use --nproc {available} or fewer per machine, and --nnodes/--node-rank/--rdzv-endpoint to add machines")
+    if not 0 <= node_rank < nnodes:
+        raise LaunchError(f"node rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}", "number the machines 0, 1, ... nnodes-1")
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise LaunchError(f"--nnodes {nnodes} needs a rendezvous endpoint", "pass --rdzv-endpoint HOST:PORT: a free port on machine 0 that every machine can reach")
+        host, port = split_endpoint(rdzv_endpoint)
+        if not (node_rank == 0 and is_local(host)):  # machine 0 hosts the rendezvous; the others must reach it
+            try:
+                socket.create_connection((host, port), timeout=10).close()
+            except OSError as err:
+                raise LaunchError(f"rendezvous endpoint {host}:{port} is unreachable ({err.strerror or err})",
+                                  "start machine 0 (--node-rank 0) first, and check the host, the port and the firewall") from None
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, "", str(DEFAULT_PORT))
+    try:
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError
+    except ValueError:
+        raise LaunchError(f"rendezvous endpoint {endpoint!r} has no valid port", "write it as HOST:PORT, e.g. 10.0.0.1:29400") from None
+    try:
+        socket.getaddrinfo(host, number)
+    except OSError:
+        raise LaunchError(f"rendezvous host {host!r} does not resolve", "use an IP address or a host name every machine can resolve") from None
+    return host, number
+
+
+def is_local(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    if any(ipaddress.ip_address(a).is_loopback for a in addresses):
+        return True
+    try:
+        mine = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        mine = set()
+    return bool(addresses & mine)
+
+
+def torchrun_command(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                     max_restarts: int = 0, run_id: str = "slimtune") -> list[str]:
+    """The torchrun command line that runs ``python -m slimtune ARGS`` on every rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                f"--rdzv-id={run_id}"]
+    return cmd + ["-m", "slimtune", *args]
+
+
+def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+           max_restarts: int = 0, run_id: str = "slimtune") -> None:
+    """Run ``slimtune ARGS`` under torchrun and wait; raise RunFailed if it fails."""
+    cmd = torchrun_command(args, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts, run_id)
+    env = dict(os.environ)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # torchrun would force 1 and warn
+    env["SLIMTUNE_LAUNCHED"] = "1"  # the launching process reports
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except BaseException:  # Ctrl-C or a kill: torchrun stops its workers on SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+    if code != 0:
+        raise RunFailed(f"the distributed run failed (torchrun exit code {code}); the ranks' errors are printed above",
+                        "finished stages are kept; fix the cause and re-run to resume")
