@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m slimtune.distributed.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--strategies", default="single,ddp,fsdp")
+    parser.add_argument("--strategies", default="single,ddp,fsdp,pipeline")
     parser.add_argument("--out", default="runs/bench-distributed")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)

@@ -288,10 +288,64 @@ class FullyShardedDataParallel(DataParallel):
         restore_parameters(original, self.full_state_dict(model))
         return original.cpu()
 
-    def grad_scaler(self, enabled: bool):
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        return AgreedGradScaler(self.device.type, enabled=enabled)
 
-        return ShardedGradScaler(self.device.type, enabled=enabled)
+
+class AgreedGradScaler(torch.amp.GradScaler):
+    """A loss scaler whose found-inf is summed over all ranks: every stage skips (and backs off) together.
+
+    Needed wherever ranks hold different gradients (FSDP shards, pipeline
+    stages). ``ShardedGradScaler`` does the same but keeps found-inf as a
+    (1,) tensor, which the fused AdamW the Trainer uses cannot take. Gradients must be
+    unscaled with ``unscale_`` before ``step`` (the Trainer does).
+    """
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        super().unscale_(optimizer)
+        if not self._enabled:
+            return
+        per_device = self._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+        found = sum(per_device.values(), torch.zeros((), device=self._scale.device))
+        dist.all_reduce(found)
+        for value in per_device.values():
+            value.copy_(found)
+        per_device.setdefault(self._scale.device, found)  # a rank without gradients still votes
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        """Skip the step on every rank when any rank found inf/NaN; otherwise a plain step.
+
+        The gradients are already unscaled and checked, so the optimizer is
+        not handed ``found_inf`` (which fused AdamW ignores for DTensors).
+        """
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        from torch.amp.grad_scaler import OptState
+
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is OptState.READY:
+            self.unscale_(optimizer)
+        skip = sum(v.item() for v in state["found_inf_per_device"].values()) > 0
+        result = None if skip else optimizer.step(*args, **kwargs)
+        state["stage"] = OptState.STEPPED
+        return result
+
+    def _unscale_grads_(self, optimizer, inv_scale: torch.Tensor, found_inf: torch.Tensor, allow_fp16: bool) -> dict:
+        """Unscale each rank's *local* gradients (FSDP's are DTensor shards), checking them for inf/NaN."""
+        from torch.distributed.tensor import DTensor
+
+        grads: dict[tuple, list[torch.Tensor]] = {}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # a view: unscaled in place
+                    grads.setdefault((g.device, g.dtype), []).append(g)
+        found: dict[torch.device, torch.Tensor] = {}
+        with torch.no_grad():
+            for (device, _), same in grads.items():
+                flag = found.setdefault(device, found_inf.to(device))
+                torch._amp_foreach_non_finite_check_and_unscale_(same, flag, inv_scale.to(device))
+        return found
 
 
 def all_reduce_sum(value: float, device: torch.device) -> float:
@@ -307,7 +361,9 @@ def build_strategy(config, device: torch.device, precision: str = "fp32") -> Str
     if config.strategy == "ddp":
         return DataParallel.from_process_group(device)
     if config.strategy == "fsdp":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # bf16 gathers weights in bf16 (MixedPrecisionPolicy); fp16 keeps fp32
+        # weights under autocast, since pure-fp16 weights overflow (NaN losses).
+        dtype = torch.bfloat16 if precision == "bf16" else None
         return FullyShardedDataParallel.from_process_group(device, reshard_after_forward=config.fsdp.reshard_after_forward,
                                                           cpu_offload=config.fsdp.cpu_offload, param_dtype=dtype)
     if config.strategy == "pipeline":

@@ -33,10 +33,10 @@ def max_diff(a, b) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-def test_recipe_gives_the_same_result_under_single_ddp_and_fsdp(write_recipe, tmp_path):
-    report = compare_strategies(write_recipe(STAGES), tmp_path, overrides=TRAIN)
+def test_recipe_gives_the_same_result_under_single_ddp_fsdp_and_pipeline(write_recipe, tmp_path):
+    report = compare_strategies(write_recipe(STAGES), tmp_path, overrides=TRAIN, strategies=("single", "ddp", "fsdp", "pipeline"))
     assert report.ok, str(report)
-    assert {("ddp", "finetune"), ("fsdp", "finetune")} <= set(report.weight_diff)
+    assert {("ddp", "finetune"), ("fsdp", "finetune"), ("pipeline", "finetune")} <= set(report.weight_diff)
     assert ("fsdp", "evaluate", "accuracy") in report.metric_diff
     finetuned = report.runs["fsdp"].stages[0].path
     assert (finetuned / "model.safetensors").is_file() and not (tmp_path / "fsdp" / ".checkpoints").exists()

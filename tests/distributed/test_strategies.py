@@ -29,6 +29,7 @@ VARIANTS = {  # name: (strategy factory, train() keywords)
     "fsdp-checkpointing": (lambda d: FullyShardedDataParallel.from_process_group(d), {"activation_checkpointing": True}),
     "fsdp-bf16": (lambda d: FullyShardedDataParallel.from_process_group(d, param_dtype=torch.bfloat16), {"precision": "bf16", **LEARNS}),
     "ddp-fp16": (lambda d: DataParallel.from_process_group(d), {"precision": "fp16", **LEARNS}),
+    "fsdp-fp16": (lambda d: FullyShardedDataParallel.from_process_group(d), {"precision": "fp16", **LEARNS}),
 }
 
 
@@ -47,6 +48,7 @@ def train(model_dir, strategy, epochs=2, examples=100, **extra):
 
 
 def worker(rank: int, world: int, init_file: str, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)  # two processes on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         for name, (make, extra) in VARIANTS.items():
@@ -100,7 +102,7 @@ def test_fsdp_saves_full_tensors_of_the_model_and_of_a_subset(spawned, tiny_bert
     assert all(torch.equal(subset[k], trained[k]) for k in subset)
 
 
-@pytest.mark.parametrize("name,precision", [("fsdp-bf16", "bf16"), ("ddp-fp16", "fp16")])
+@pytest.mark.parametrize("name,precision", [("fsdp-bf16", "bf16"), ("ddp-fp16", "fp16"), ("fsdp-fp16", "fp16")])
 def test_mixed_precision_trains_and_tracks_fp32(spawned, tiny_bert, name, precision):
     _, fp32_loss = reference(tiny_bert, **LEARNS)
     trained = load_file(str(spawned / f"{name}.safetensors"))
