@@ -3,6 +3,7 @@
     slimtune run RECIPE [--set key.path=value ...] [--out DIR] [--fresh]
                  [--nproc N] [--strategy ddp|fsdp|pipeline] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
                  [--max-restarts K]
+    slimtune plan RECIPE [--nproc N] [--strategy S] [--set k=v ...] [--measure] [--steps K] [--json]
     slimtune eval ARTIFACT_DIR [--split test] [--no-latency]
     slimtune info ARTIFACT_DIR
     slimtune recipes
