@@ -12,7 +12,9 @@ Batches are drawn the same way under every strategy: one sequence of *global*
 batches (``train.batch_size`` examples each) from a seeded sampler; under data
 parallelism each rank takes every ``world_size``-th example of each global
 batch. Training with N processes therefore sees the same batches, and takes
-the same steps, as one process - up to floating-point reduction order.
+the same steps, as one process - up to floating-point reduction order, and
+up to dropout: each rank draws masks for its own examples, so a model with
+dropout trains statistically, not bitwise, like one process.
 """
 
 from __future__ import annotations
