@@ -41,6 +41,11 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_device(device: torch.device) -> torch.device:
     """This worker's device: ``cuda:LOCAL_RANK`` on GPUs, the CPU otherwise."""
     if device.type == "cuda":
@@ -77,7 +82,7 @@ def check_launch(nproc: int, nnodes: int, device: torch.device, node_rank: int =
     if device.type == "cuda":
         available, what = torch.cuda.device_count(), "GPUs"
     else:
-        available, what = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, "CPU cores"
+        available, what = cpu_cores(), "CPU cores"
     if nproc > available:
         raise LaunchError(f"nproc {nproc} is more processes than this machine has {what} ({available})",
                           f"use --nproc {available} or fewer per machine, and --nnodes/--node-rank/--rdzv-endpoint to add machines")
@@ -141,8 +146,7 @@ def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
     """Run ``slimtune ARGS`` under torchrun and wait; raise RunFailed if it fails."""
     cmd = torchrun_command(args, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts, run_id)
     env = dict(os.environ)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # torchrun would force 1 and warn
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))  # torchrun would force 1 and warn
     env["SLIMTUNE_LAUNCHED"] = "1"  # the launching process reports
     proc = subprocess.Popen(cmd, env=env)
     try:
