@@ -11,12 +11,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from slimtune.progress import progress
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
-from slimtune.stage import StageContext, StageResult, device_of
-from slimtune.distributed.strategy import SingleDevice
-from slimtune.distributed.trainer import Trainer
+from slimtune.stage import StageContext, StageResult
+from slimtune.distributed.trainer import Trainer, task_eval_fn
 
 
 @register_stage("finetune")
@@ -32,19 +30,9 @@ class Finetune:
 
     def run(self, ctx: StageContext, config: Config) -> StageResult:
         art, kind = ctx.artifact, ctx.kind
-        strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
-        ctx.strategy = strategy
-        eval_fn = None
-        if config.eval_split != "none" and ctx.data()[config.eval_split]:
-            eval_batches = ctx.batches(config.eval_split)
-            train_batches = ctx.batches("train") if kind.name == "embedding" else None
-
-            def eval_fn(model):
-                moved = [strategy.to_device(b) for b in progress(eval_batches, desc=f"evaluate {config.eval_split}")]
-                ref = [strategy.to_device(b) for b in train_batches] if train_batches else None
-                return kind.evaluate(model, moved, ref)
-
+        eval_fn = task_eval_fn(ctx, config.eval_split)
         trainer = Trainer.for_stage(ctx, art.model, kind.loss, eval_fn, kind.metric, kind.higher_is_better)
+        strategy = trainer.strategy
         result = trainer.fit(ctx.data()["train"], config.epochs, lr=config.lr, max_steps=config.max_steps)
         art.model = trainer.trained_model()
         metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history,

@@ -82,12 +82,16 @@ class Trainer:
         higher_is_better: direction of ``metric``.
         checkpoint_dir: where ``config.checkpoint_every`` saves resumable
             checkpoints; ``fit`` resumes from the newest one found there.
+        after_step: ``model -> None`` called (without grad) after every
+            optimizer step with the strategy's model (parameters may be
+            DTensor shards under FSDP), e.g. to re-apply pruning masks.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig, strategy, collate,
                  eval_fn: EvalFn | None = None, metric: str | None = None, higher_is_better: bool = True,
-                 checkpoint_dir: Path | None = None):
+                 checkpoint_dir: Path | None = None, after_step: Callable[[nn.Module], None] | None = None):
         self.config = config
+        self.after_step = after_step
         self.strategy = strategy
         self.checkpointing = config.activation_checkpointing
         if self.checkpointing:
@@ -103,10 +107,12 @@ class Trainer:
 
     @classmethod
     def for_stage(cls, ctx, model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn | None = None, metric: str | None = None,
-                  higher_is_better: bool = True, collate=None) -> "Trainer":
+                  higher_is_better: bool = True, collate=None, after_step: Callable[[nn.Module], None] | None = None) -> "Trainer":
         """A Trainer wired to a stage's context: its training config, strategy and checkpoint directory."""
         strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
-        return cls(model, loss_fn, ctx.train, strategy, collate or ctx.collator(), eval_fn, metric, higher_is_better, ctx.checkpoint_dir)
+        ctx.strategy = strategy
+        return cls(model, loss_fn, ctx.train, strategy, collate or ctx.collator(), eval_fn, metric, higher_is_better,
+                   ctx.checkpoint_dir, after_step)
 
     def trained_model(self) -> nn.Module:
         """The trained model as a plain CPU module with full tensors (on every rank)."""
@@ -212,6 +218,9 @@ class Trainer:
         scaler.update()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step(strategy.unwrap(self.model))
         return weighted / max(units, 1)
 
     def _loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -243,6 +252,27 @@ class Trainer:
         if not best:
             return True
         return record[self.metric] > best[self.metric] if self.higher_is_better else record[self.metric] < best[self.metric]
+
+
+def task_eval_fn(ctx, split: str) -> EvalFn | None:
+    """``model -> metrics`` of the task's own evaluation on ``split`` (None for ``"none"`` or an empty split).
+
+    Sets ``ctx.strategy`` (one device when the runner gave none) so batches
+    go where the Trainer puts the model.
+    """
+    if split == "none" or not ctx.data()[split]:
+        return None
+    strategy = ctx.strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
+    kind = ctx.kind
+    batches = ctx.batches(split)
+    train_batches = ctx.batches("train") if kind.name == "embedding" else None
+
+    def evaluate(model: nn.Module) -> dict:
+        moved = [strategy.to_device(b) for b in progress(batches, desc=f"evaluate {split}")]
+        ref = [strategy.to_device(b) for b in train_batches] if train_batches else None
+        return kind.evaluate(model, moved, ref)
+
+    return evaluate
 
 
 def _maybe_fail(step: int, rank: int) -> None:

@@ -49,6 +49,10 @@ class Artifact:
         lineage: one entry per stage applied: ``{"stage", "config", "key", "sha256"}``.
         swaps: module swaps to replay on a skeleton at load time.
         compression: free-form compression metadata stages record.
+        module_attrs: ``{module path: {attribute: value}}`` set on the skeleton
+            at load time, for surgery the config cannot express (e.g. the head
+            count of a BERT attention whose heads were removed); when present,
+            linear layers take the shapes stored in the weight file.
         path: the directory it was loaded from or saved to, if any.
     """
 
@@ -59,6 +63,7 @@ class Artifact:
     lineage: list[dict] = field(default_factory=list)
     swaps: list[dict] = field(default_factory=list)
     compression: dict = field(default_factory=dict)
+    module_attrs: dict = field(default_factory=dict)
     path: Path | None = None
 
     @property
@@ -74,6 +79,7 @@ class Artifact:
             "lineage": self.lineage,
             "swaps": self.swaps,
             "compression": self.compression,
+            "module_attrs": self.module_attrs,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -89,11 +95,63 @@ class Artifact:
     def write_into(self, directory: Path) -> None:
         """Write the files into an existing (temporary) directory."""
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory, safe_serialization=True)
+        ties = shared_parameters(self.model)
+        if ties:
+            save_deduplicated(self.model, directory)
+        else:
+            self.model.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
         if self.lineage:
             self.lineage[-1]["sha256"] = file_sha256(directory / WEIGHTS_FILE)
-        write_json(directory / META_FILE, self.meta())
+        write_json(directory / META_FILE, {**self.meta(), "ties": ties})
+
+
+def shared_parameters(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every parameter that shares another's tensor,
+    unless transformers ties them itself (tied word embeddings)."""
+    first: dict[int, str] = {}
+    ties = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            ties[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    known = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return ties if set(ties) - known else {}
+
+
+def save_deduplicated(model: nn.Module, directory: Path) -> None:
+    """Config and weights with each shared tensor stored once (``save_pretrained`` refuses shared tensors it does not know)."""
+    from safetensors.torch import save_file
+
+    ties = shared_parameters(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in ties}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(directory)
+
+
+def _apply_module_attrs(model: nn.Module, attrs: dict, state: dict) -> None:
+    """Replay recorded attribute edits; give linear layers the stored shapes."""
+    for path, values in attrs.items():
+        module = model.get_submodule(path)
+        for attr, value in values.items():
+            setattr(module, attr, value)
+    for name, module in model.named_modules():
+        weight = state.get(f"{name}.weight")
+        if isinstance(module, nn.Linear) and weight is not None and weight.shape != module.weight.shape:
+            module.out_features, module.in_features = weight.shape
+            module.weight = nn.Parameter(torch.empty_like(weight, dtype=module.weight.dtype))
+            if module.bias is not None:
+                module.bias = nn.Parameter(torch.empty(weight.shape[0], dtype=module.bias.dtype))
+
+
+def _apply_ties(model: nn.Module, ties: dict[str, str]) -> None:
+    """Make each tied parameter the very same object as its source again."""
+    for name, source in ties.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, model.get_parameter(source))
 
 
 def load(directory: str | Path) -> Artifact:
@@ -124,17 +182,21 @@ def load(directory: str | Path) -> Artifact:
         parent, _, child = swap["module"].rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, MODULE_TYPES[swap["type"]].from_config(swap["config"]))
-    _load_state(model, directory / WEIGHTS_FILE)
+    state = load_file(directory / WEIGHTS_FILE)
+    if meta.get("module_attrs"):
+        _apply_module_attrs(model, meta["module_attrs"], state)
+    if meta.get("ties"):
+        _apply_ties(model, meta["ties"])
+    _load_state(model, state, directory / WEIGHTS_FILE)
     model.eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     return Artifact(
         model=model, tokenizer=tokenizer, task=task, labels=meta.get("labels"), lineage=meta.get("lineage", []),
-        swaps=meta.get("swaps", []), compression=meta.get("compression", {}), path=directory,
+        swaps=meta.get("swaps", []), compression=meta.get("compression", {}), module_attrs=meta.get("module_attrs", {}), path=directory,
     )
 
 
-def _load_state(model: nn.Module, path: Path) -> None:
-    state = load_file(path)
+def _load_state(model: nn.Module, state: dict, path: Path) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
