@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from rich.markup import escape
@@ -82,7 +83,11 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
     if (path / "model.onnx").is_file():
         table.add_row("onnx", f"{(path / 'model.onnx').stat().st_size / 1e6:.1f} MB (model.onnx)")
     table.add_row("module swaps", str(len(meta.get("swaps", []))))
-    table.add_row("compression", str(meta.get("compression") or "none"))
+    compression = meta.get("compression") or {}
+    shown = {k: ({n: x for n, x in v.items() if n != "modules"} if k == "prune" and isinstance(v, dict) else v) for k, v in compression.items()}
+    table.add_row("compression", escape(str(shown or "none")))
+    if isinstance(compression.get("prune"), dict) and "modules" in compression["prune"]:
+        table.add_row("sparsity", escape(sparsity_lines(compression["prune"])))
     params = _parameters_from_header(weights)
     if params:
         table.add_row("parameters", f"{params:,} (stored tensors)")
@@ -90,6 +95,21 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
         if key != "history":
             table.add_row(f"metric {key}", f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
     return table
+
+
+def sparsity_lines(prune: dict, most: int = 24) -> str:
+    """Measured sparsity per pruned module and overall; beyond ``most`` modules, grouped across layers."""
+    modules = prune["modules"]
+    lines = [f"overall {prune['overall']:.4f} ({prune['method']}, target {prune['target']:.4g}"
+             + (f", pattern {prune['pattern']})" if prune.get("pattern") else f", scope {prune.get('scope')})")]
+    if len(modules) <= most:
+        return "\n".join(lines + [f"{name}  {value:.4f}" for name, value in modules.items()])
+    groups: dict[str, list[float]] = {}
+    for name, value in modules.items():
+        groups.setdefault(re.sub(r"\.\d+\.", ".*.", name, count=1), []).append(value)
+    lines += [f"{name}  {min(v):.4f}" + (f"..{max(v):.4f}" if max(v) != min(v) else "") + f"  ({len(v)} modules)"
+              for name, v in groups.items()]
+    return "\n".join(lines + ["(every module's value: slimtune.json)"])
 
 
 def _parameters_from_header(weights: Path) -> int:
