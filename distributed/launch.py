@@ -13,19 +13,24 @@ nothing is left behind. Inside a worker, :func:`init_process_group` joins
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from slimtune.errors import LaunchError, RunFailed
+from slimtune.errors import LaunchError, RunFailed, SlimTuneError
 
 DEFAULT_PORT = 29400
+ERROR_FILE = "SLIMTUNE_ERROR_FILE"  # where a launched rank reports a user error to the launching process
 
 
 def in_torchrun() -> bool:
@@ -145,16 +150,53 @@ def launch(args: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, rdz
            max_restarts: int = 0, run_id: str = "slimtune") -> None:
     """Run ``slimtune ARGS`` under torchrun and wait; raise RunFailed if it fails."""
     cmd = torchrun_command(args, nproc, nnodes, node_rank, rdzv_endpoint, max_restarts, run_id)
+    error_file = Path(tempfile.mkdtemp(prefix="slimtune-launch-")) / "error.json"
+    try:
+        code = _run_torchrun(cmd, error_file, nproc)
+        if code != 0 and error_file.is_file():
+            raise user_error_from(error_file)
+    finally:
+        shutil.rmtree(error_file.parent, ignore_errors=True)
+    if code != 0:
+        raise RunFailed(f"the distributed run failed (torchrun exit code {code}); the ranks' errors are printed above",
+                        "finished stages are kept; fix the cause and re-run to resume")
+
+
+def _run_torchrun(cmd: list[str], error_file: Path, nproc: int) -> int:
     env = dict(os.environ)
+    env[ERROR_FILE] = str(error_file)
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))  # torchrun would force 1 and warn
     env["SLIMTUNE_LAUNCHED"] = "1"  # the launching process reports
     proc = subprocess.Popen(cmd, env=env)
     try:
-        code = proc.wait()
+        return proc.wait()
     except BaseException:  # Ctrl-C or a kill: torchrun stops its workers on SIGTERM
         proc.send_signal(signal.SIGTERM)
         proc.wait()
         raise
-    if code != 0:
-        raise RunFailed(f"the distributed run failed (torchrun exit code {code}); the ranks' errors are printed above",
-                        "finished stages are kept; fix the cause and re-run to resume")
+
+
+def report_user_error(err: SlimTuneError) -> bool:
+    """In a launched rank: hand a user error to the launching process (the first rank to fail wins).
+
+    Returns True when it was handed over (the launcher prints it and exits with its code).
+    """
+    path = os.environ.get(ERROR_FILE)
+    if not path or not in_torchrun():
+        return False
+    payload = json.dumps({"message": err.message, "hint": err.hint, "exit_code": getattr(err, "exit_code", 2)})
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return True
+    with os.fdopen(fd, "w") as f:
+        f.write(payload)
+    return True
+
+
+def user_error_from(path: Path) -> SlimTuneError:
+    """The user error a rank reported, with its exit code (2 for bad input found once the model was loaded)."""
+    data = json.loads(path.read_text())
+    err = SlimTuneError(data["message"], data.get("hint"))
+    err.exit_code = data.get("exit_code", 2)
+    return err

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except SlimTuneError as err:
         if args.debug:
             raise
+        if _handed_to_launcher(err):
+            return getattr(err, "exit_code", EXIT_USER_ERROR)
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:
             print(f"  fix: {err.hint}", file=sys.stderr)
@@ -86,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, re-run to resume", file=sys.stderr)
         return 130
+
+
+def _handed_to_launcher(err) -> bool:
+    """A rank of a launched run reports a user error to the `slimtune run` that started it, which prints it once."""
+    if "SLIMTUNE_ERROR_FILE" not in os.environ:
+        return False
+    from slimtune.distributed.launch import report_user_error
+
+    return report_user_error(err)
 
 
 def _configure(quiet: bool) -> None:

@@ -36,7 +36,7 @@ def tiny_texts(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
-def write_bert(path: Path, seed: int = 0) -> Path:
+def write_bert(path: Path, seed: int = 0, num_layers: int = 2) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def write_bert(path: Path, seed: int = 0) -> Path:
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizer(vocab=str(path / "vocab.txt"))
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -67,6 +67,12 @@ def write_llama(path: Path, bert_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return write_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_6_layers(tmp_path_factory) -> Path:
+    """The tiny BERT with six layers, like MiniLM (recipes that pick layers 0, 2, 4 run on it)."""
+    return write_bert(tmp_path_factory.mktemp("tiny-bert-6"), num_layers=6)
 
 
 @pytest.fixture(scope="session")

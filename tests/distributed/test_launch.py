@@ -95,11 +95,21 @@ def tiny_overrides(kind: str, tiny_bert, tiny_llama, tiny_csv) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
-def test_every_shipped_recipe_runs_under_nproc_2(name, tiny_bert, tiny_llama, tiny_csv, tmp_path):
+def test_every_shipped_recipe_runs_under_nproc_2(name, tiny_bert_6_layers, tiny_llama, tiny_csv, tmp_path):
     kind = yaml.safe_load(shipped_recipes()[name].read_text())["task"]["kind"]
-    sets = [f"{k}={v}" for k, v in tiny_overrides(kind, tiny_bert, tiny_llama, tiny_csv).items()]
+    sets = [f"{k}={v}" for k, v in tiny_overrides(kind, tiny_bert_6_layers, tiny_llama, tiny_csv).items()]
     proc = slimtune_cli("run", name, "--out", tmp_path / "run", "--nproc", "2", "--quiet", *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory" in proc.stdout and proc.stdout.count("0") > 0
     stages = yaml.safe_load(shipped_recipes()[name].read_text())["stages"]
     assert len([p for p in (tmp_path / "run").iterdir() if p.is_dir() and not p.name.startswith(".")]) == len(stages)
+
+
+def test_bad_input_found_inside_a_launched_stage_exits_2_once_with_nothing_written(write_recipe, tmp_path):
+    recipe = write_recipe("- finetune: {epochs: 1}\n- distill: {student: {layers: [0, 5]}}\n")  # the tiny BERT has 2 layers
+    proc = slimtune_cli("run", recipe, "--out", tmp_path / "run", "--nproc", "2", "--quiet", "--set", "task.limit=32")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("error: student.layers: layer(s) [5] do not exist") == 1
+    assert (tmp_path / "run" / "01-finetune").is_dir() and not (tmp_path / "run" / "02-distill").exists()
+    assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
+    assert not leftover_processes(str(tmp_path / "run"))

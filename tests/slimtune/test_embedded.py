@@ -51,15 +51,27 @@ def test_smollm2_converts_once_and_models_text(tmp_path, monkeypatch):
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
 
 
-@pytest.mark.parametrize("name", ["minilm-sentiment"])
-def test_shipped_recipe_runs_end_to_end_on_a_subset(name, tmp_path):
+def test_minilm_sentiment_recipe_runs_end_to_end_on_a_subset(tmp_path):
     import slimtune
 
     overrides = {"task.limit": 48, "stages.evaluate.runs": 2, "stages.evaluate.warmup": 1}
-    result = slimtune.run(name, overrides=overrides, out=tmp_path / name)
-    assert [r.name for r in result.stages] == ["finetune", "evaluate", "export"]
+    result = slimtune.run("minilm-sentiment", overrides=overrides, out=tmp_path / "run")
+    assert [r.name for r in result.stages] == ["finetune", "distill", "prune", "evaluate", "export"]
     export = result.stages[-1].metrics
     assert export["prediction_agreement"] == 1.0 and export["max_abs_diff"] < 1e-3
-    assert result.stages[1].metrics["examples"] == 48
+    evaluate = result.stages[3].metrics
+    assert evaluate["examples"] == 48 and evaluate["parameters"] < 0.75 * 22_700_000  # 3 of 6 layers, heads and FFN cut
     art = slimtune.load(result.stages[-1].path)
-    assert [e["stage"] for e in art.lineage] == ["source", "finetune", "evaluate", "export"]
+    assert [e["stage"] for e in art.lineage] == ["source", "finetune", "distill", "prune", "evaluate", "export"]
+    assert art.model.config.num_hidden_layers == 3 and art.model.config.intermediate_size == 768
+
+
+def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights(tmp_path):
+    import slimtune
+
+    overrides = {"task.limit": 8, "task.max_length": 64, "stages.prune.calibration.batches": 1, "stages.evaluate.runs": 2,
+                 "stages.evaluate.warmup": 1}
+    result = slimtune.run("smollm2-wanda", overrides=overrides, out=tmp_path / "run")
+    prune, evaluate = (r.metrics for r in result.stages)
+    assert prune["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert math.isfinite(evaluate["perplexity"]) and evaluate["tokens"] > 0
