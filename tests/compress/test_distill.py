@@ -6,13 +6,11 @@ import json
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModel, AutoModelForSequenceClassification
 
 import slimtune
 from slimtune.compress import arch, distill
-from slimtune.compress.distill import (DistillationModel, LossWeights, StudentSpec, attention_kl, build_student,
+from slimtune.compress.distill import (DistillationModel, StudentSpec, attention_kl, build_student,
                                        embedding_loss, hidden_mse, soft_kl, uniform_layer_map)
 from slimtune.distributed.testing import compare_strategies
 from slimtune.errors import RecipeError
@@ -22,23 +20,12 @@ from slimtune.tasks import Collator
 
 from tests.conftest import tiny_texts
 from tests.slimtune.test_cli import slimtune_cli
+from tests.compress.models import bert, llama
 
 TRAIN = TrainConfig(batch_size=16, lr=2e-3, warmup_ratio=0.0, device="cpu")
 ALL_LOSSES = {"soft": 1.0, "hard": 1.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0}
 
 
-def bert(layers: int = 4, seed: int = 0, vocab: int = 40) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
-    return BertForSequenceClassification(config).eval()
-
-
-def llama(layers: int = 4, seed: int = 0, vocab: int = 40) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(config).eval()
 
 
 def examples(n: int, labelled: bool = True) -> list[dict]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 import slimtune
 from slimtune.artifact import Artifact
@@ -18,24 +18,15 @@ from slimtune.distributed.testing import compare_strategies
 from slimtune.errors import RecipeError, SlimTuneError
 from slimtune.models import parameter_count
 from slimtune.recipe import TaskConfig
+from tests.compress.models import bert, llama as tiny_llama_lm
 
 
 CLASSIFY = TaskConfig(kind="classification", data="unused.csv", text="review", label="sentiment", max_length=16)
 CAUSAL = TaskConfig(kind="causal-lm", data="unused.csv", max_length=16)
 
 
-def bert(layers: int = 4, vocab: int = 40, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
-    return BertForSequenceClassification(config).eval()
-
-
 def llama(layers: int = 4, vocab: int = 40, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=True)  # as SmolLM2
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_lm(layers, seed, vocab, tie_word_embeddings=True)  # tied, as SmolLM2
 
 
 MODELS = {"bert": bert, "llama": llama}
