@@ -78,9 +78,10 @@ is the peak and names its phase.
 
 **Communication** per optimizer step, bytes each rank sends with ring
 collectives (Patarasuk & Yuan 2009), for ``A = train.grad_accum`` micro-batches
-(neither DDP nor FSDP skip the gradient sync between them here):
-DDP all-reduce ``A · 2(N-1)/N · G``; FSDP all-gather ``(N-1)/N · P`` in
-forward and, for ZeRO-3, again in backward, plus reduce-scatter
+(both skip the gradient sync before the last micro-batch: DDP's ``no_sync``,
+FSDP's ``set_requires_gradient_sync(False)``, which keeps unsharded gradients
+meanwhile): DDP all-reduce ``2(N-1)/N · G``; FSDP all-gather ``A · (N-1)/N · P``
+in forward and, for ZeRO-3, again in backward, plus one reduce-scatter
 ``(N-1)/N · G``; pipeline: each micro-batch's activation ``(b/M) s h · 4``
 forward and its gradient back over each stage boundary.
 
@@ -88,7 +89,9 @@ forward and its gradient back over each stage boundary.
 (MemTracker, gloo), MiniLM on Rotten Tomatoes and on IMDB at s = 128 under
 single, DDP x2, FSDP x2 (ZeRO-3, ZeRO-2, cpu offload, bf16), pipeline x2
 (1F1B, GPipe), bf16, activation checkpointing and accumulation: 0.95 to
-1.05. On one H200, a MiniLM-sized BERT in one process: 0.97 to 1.01 of
+1.05 (accumulation measured before gradient sync was skipped between
+micro-batches; since then, on the 2-layer test BERT with A = 2: DDP 0.98,
+FSDP ZeRO-2 1.02, ZeRO-3 0.87). On one H200, a MiniLM-sized BERT in one process: 0.97 to 1.01 of
 MemTracker, 1.01 to 1.19 of ``torch.cuda.max_memory_allocated``, which also
 holds cuBLAS workspaces (about 65 MiB there) and allocator rounding, not
 modeled. Not validated: gated MLPs, RMSNorm, rotary embeddings, causal-LM
@@ -455,8 +458,8 @@ def _data_parallel(shape: ModelShape, s: Setup) -> Prediction:
             "backward end, embedding grads": dict(gradients=G if s.grad_accum > 1 else G - pre_grads, temporaries=pre_grads),
             "optimizer step": dict(gradients=G),
         }
-        comm = s.grad_accum * 2 * (n - 1) / n * G
-        formula = f"{s.grad_accum} x all-reduce 2(N-1)/N x grads" if n > 1 else "none"
+        comm = 2 * (n - 1) / n * G  # once per step: earlier micro-batches run under no_sync
+        formula = "all-reduce 2(N-1)/N x grads" if n > 1 else "none"
         return Prediction(s.label, n, None, rows, s.seq, _phases(phases, static), int(comm), formula)
     # FSDP2: sharded states; a unit's unsharded parameters while it computes (ZeRO-2: from forward to backward).
     zero3 = s.reshard_after_forward
@@ -464,7 +467,9 @@ def _data_parallel(shape: ModelShape, s: Setup) -> Prediction:
     root_grads = (shape.pre_params + shape.post_params) * shape.param_bytes
     block = shape.block_params * fsdp_dtype
     gathered = root if zero3 else shape.params * fsdp_dtype
-    backward = _backward(shape, s, acts, copies, 1 / n)
+    # Under accumulation the micro-batches before the last keep unsharded gradients (no reduce-scatter until the last).
+    accumulating = s.grad_accum > 1
+    backward = _backward(shape, s, acts, copies, 1.0 if accumulating else 1 / n)
     forward = {"forward end": backward.pop("forward end")}
     phases = {
         **{k: {**v, "parameters": 0 if zero3 else gathered} for k, v in forward.items()},  # ZeRO-3: the root resharded
@@ -472,7 +477,7 @@ def _data_parallel(shape: ModelShape, s: Setup) -> Prediction:
         **{k: {**v, "parameters": gathered + zero3 * 2 * block, "temporaries": v["temporaries"] + zero3 * 2 * block}
            for k, v in backward.items()},
         # the root's unsharded gradients, the reduce-scatter input (fp32) and output
-        "backward end, root grads reduced": dict(gradients=(G - (s.grad_accum == 1) * root_grads) / n,
+        "backward end, root grads reduced": dict(gradients=G if accumulating else (G - root_grads) / n,
                                                  temporaries=root_grads * (2 + 1 / n)),
         "optimizer step": dict(gradients=G / n),
     }
@@ -484,8 +489,8 @@ def _data_parallel(shape: ModelShape, s: Setup) -> Prediction:
             v["host"] = int(P / n + v["gradients"] + v["optimizer"])
             v.update(parameters=int(v["parameters"] - P / n), gradients=0, optimizer=0)
     gathers = 2 if zero3 else 1
-    comm = s.grad_accum * (n - 1) / n * (gathers * shape.params * fsdp_dtype + G)
-    formula = f"{s.grad_accum} x ({gathers} all-gather + 1 reduce-scatter) x (N-1)/N x params"
+    comm = (n - 1) / n * (s.grad_accum * gathers * shape.params * fsdp_dtype + G)  # one reduce-scatter per step
+    formula = f"({s.grad_accum} x {gathers} all-gather + 1 reduce-scatter) x (N-1)/N x params"
     return Prediction(s.label, n, None, rows, s.seq, phases, int(comm), formula)
 
 

@@ -19,6 +19,7 @@ dropout trains statistically, not bitwise, like one process.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Callable
@@ -126,14 +127,20 @@ class Strategy:
         as sums over units; returns (summed loss, units) of this rank.
         """
         units, weighted = 0, 0.0
-        for batch in window:
-            loss, n = loss_fn(model, self.to_device(batch))
+        for i, batch in enumerate(window):
             # Backward each micro-batch at once (bounded memory); the Trainer
-            # divides the summed gradients by the global unit count.
-            scale(loss * n).backward()
+            # divides the summed gradients by the global unit count. Ranks
+            # exchange gradients once per window, at its last micro-batch.
+            with self.gradient_sync(model, i == len(window) - 1):
+                loss, n = loss_fn(model, self.to_device(batch))
+                scale(loss * n).backward()
             units += n
             weighted += loss.item() * n
         return weighted, units
+
+    def gradient_sync(self, model: nn.Module, enabled: bool):
+        """Context of one micro-batch's backward; ``enabled=False`` keeps its gradients local (accumulation)."""
+        return contextlib.nullcontext()
 
     def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
         """The fp16 loss scaler (a no-op when ``enabled`` is false)."""
@@ -210,6 +217,9 @@ class DataParallel(Strategy):
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
 
+    def gradient_sync(self, model: nn.Module, enabled: bool):
+        return contextlib.nullcontext() if enabled else model.no_sync()
+
     def batches(self, examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, epoch: int = 0) -> list[list[int]]:
         return shard_batches(global_batches(examples, batch_size, shuffle, seed, group_by_length, epoch), self.rank, self.world_size)
 
@@ -269,6 +279,15 @@ class FullyShardedDataParallel(DataParallel):
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    @contextlib.contextmanager
+    def gradient_sync(self, model: nn.Module, enabled: bool):
+        """Without sync, gradients accumulate unsharded on each rank until the window's last backward reduce-scatters them."""
+        model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
 
     def full_state_dict(self, model: nn.Module, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
         """Gather full tensors (never local shards) of the selected keys, on every rank.
