@@ -25,7 +25,7 @@ from slimtune.recipe import Strict
 from slimtune.registry import register_stage
 from slimtune.stage import StageContext, StageResult, iterate_batches
 from slimtune.tasks import Collator, ExportWrapper, task_kind
-from slimtune.eval.latency import ort_latency_ms, torch_latency_ms
+from slimtune.eval.latency import interleaved_latency_ms, ort_latency_ms, torch_latency_ms
 
 
 class EvaluateConfig(Strict):
@@ -64,12 +64,29 @@ def latency_batch(artifact: Artifact, examples: list[dict], batch_size: int) -> 
     return {n: enc[n] for n in input_names(artifact)}
 
 
-def measure_latency(artifact: Artifact, examples: list[dict], config: EvaluateConfig) -> dict:
-    batch = latency_batch(artifact, examples, config.batch_size)
+def latency_forward(artifact: Artifact, examples: list[dict], batch_size: int = 1):
+    """``(forward, batch)``: a no-argument call of the artifact's task output on a fixed latency batch."""
+    batch = latency_batch(artifact, examples, batch_size)
     wrapper = ExportWrapper(artifact.model, task_kind(artifact.task.kind), tuple(batch)).eval()
     args = tuple(batch.values())
+    return (lambda: wrapper(*args)), batch
+
+
+def compare_latency(artifacts: list[Artifact], batch_size: int = 1, rounds: int = 5, runs: int = 20) -> list[dict]:
+    """PyTorch latency of several artifacts on the same input, measured side by side (interleaved)."""
+    examples = load_task_data(artifacts[0].task)["test"][:batch_size]
+    forwards = {str(i): latency_forward(a, examples, batch_size)[0] for i, a in enumerate(artifacts)}
+    medians = interleaved_latency_ms(forwards, rounds, runs)
+    first = medians["0"]
+    return [{"artifact": str(a.path), "parameters": parameter_count(a.model), "torch_ms": medians[str(i)],
+             "ratio": medians[str(i)] / first} for i, a in enumerate(artifacts)]
+
+
+def measure_latency(artifact: Artifact, examples: list[dict], config: EvaluateConfig) -> dict:
+    forward, batch = latency_forward(artifact, examples, config.batch_size)
+    args = tuple(batch.values())
     out = {"latency_batch": config.batch_size, "latency_seq": int(args[0].shape[1])}
-    out["torch_ms"] = torch_latency_ms(lambda: wrapper(*args), config.runs, config.warmup)
+    out["torch_ms"] = torch_latency_ms(forward, config.runs, config.warmup)
     if config.onnx:
         with tempfile.TemporaryDirectory() as tmp:
             path = onnx_path_of(artifact) or export_onnx(artifact, Path(tmp) / "model.onnx")

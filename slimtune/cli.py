@@ -5,6 +5,7 @@
                  [--max-restarts K]
     slimtune plan RECIPE [--nproc N] [--strategy S] [--set k=v ...] [--measure] [--steps K] [--json]
     slimtune eval ARTIFACT_DIR [--split test] [--no-latency]
+    slimtune latency ARTIFACT_DIR [ARTIFACT_DIR ...]
     slimtune info ARTIFACT_DIR
     slimtune recipes
 
@@ -50,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=None)
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    p = sub.add_parser("latency", parents=[common], help="PyTorch latency of artifacts side by side (interleaved), as ratios to the first")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
+    p.add_argument("--runs", type=int, default=20, help="timed calls per artifact and round")
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", parents=[common], help="show an artifact's lineage, size and compression metadata")
     p.add_argument("artifact")
@@ -158,6 +166,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_latency(args) -> int:
+    import slimtune
+    from slimtune.errors import SlimTuneError
+    from slimtune.eval.stage import compare_latency
+
+    artifacts = [slimtune.load(a) for a in args.artifacts]
+    kinds = {a.task.kind for a in artifacts}
+    if len(kinds) > 1 or len({a.task.max_length for a in artifacts}) > 1:
+        raise SlimTuneError("the artifacts serve different tasks or input lengths, so their latencies are not comparable",
+                            "compare artifacts of one recipe (same task kind and max_length)")
+    rows = compare_latency(artifacts, args.batch_size, args.rounds, args.runs)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"PyTorch latency, batch {args.batch_size}, {args.rounds} x {args.runs} interleaved calls each")
+    for col in ("artifact", "parameters", "median ms", "ratio"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in rows:
+        table.add_row(r["artifact"], f"{r['parameters'] / 1e6:.2f}M", f"{r['torch_ms']:.2f}", f"{r['ratio']:.3f}")
+    _console().print(table)
+    return 0
+
+
 def cmd_info(args) -> int:
     from slimtune.artifact import read_meta, read_metrics
     from slimtune.eval.report import info_text
@@ -206,7 +239,7 @@ def _console():
     return Console(width=max(160, Console().width))
 
 
-COMMANDS = {"run": cmd_run, "eval": cmd_eval, "info": cmd_info, "recipes": cmd_recipes, "plan": cmd_plan}
+COMMANDS = {"run": cmd_run, "eval": cmd_eval, "latency": cmd_latency, "info": cmd_info, "recipes": cmd_recipes, "plan": cmd_plan}
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ def test_run_info_eval_end_to_end(write_recipe, tmp_path):
     ev = slimtune_cli("eval", out / "01-finetune", "--no-latency", "--json")
     assert ev.returncode == 0, ev.stderr
     assert json.loads(ev.stdout)["accuracy"] == metrics["accuracy"]
+    lat = slimtune_cli("latency", out / "01-finetune", out / "03-export", "--rounds", "1", "--runs", "2", "--json")
+    assert lat.returncode == 0, lat.stderr
+    rows = json.loads(lat.stdout)
+    assert [r["artifact"] for r in rows] == [str(out / "01-finetune"), str(out / "03-export")]
+    assert rows[0]["ratio"] == 1.0 and all(r["torch_ms"] > 0 for r in rows) and rows[1]["parameters"] == metrics["parameters"]
 
     again = slimtune_cli("run", write_recipe(FULL), "--out", out, "--quiet", "--set", "stages.finetune.epochs=1")
     assert again.returncode == 0 and again.stdout.count("(reused)") == 3
