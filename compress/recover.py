@@ -21,7 +21,7 @@ from torch import nn
 from slimtune.recipe import Strict
 from slimtune.stage import StageContext
 from slimtune.tasks import embed, model_inputs
-from slimtune.distributed.trainer import Trainer, task_eval_fn
+from slimtune.distributed.trainer import Trainer, stage_metrics, task_eval_fn
 
 
 class RecoverConfig(Strict):
@@ -92,9 +92,5 @@ def recover(ctx: StageContext, model: nn.Module, config: RecoverConfig, teacher:
     model = trainer.trained_model()
     if teacher is not None:
         teacher.cpu()
-    metrics = {"recover_steps": result.steps, "recover_best_epoch": result.best_epoch, "recover_history": result.history,
-               "step_seconds": result.step_seconds}
-    metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
-    if config.eval_split != "none":
-        metrics["split"] = config.eval_split
+    metrics = stage_metrics(result, trainer.strategy.world_size, config.eval_split if eval_fn else None, prefix="recover_")
     return model, metrics

@@ -14,7 +14,7 @@ from pydantic import Field
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
 from slimtune.stage import StageContext, StageResult
-from slimtune.distributed.trainer import Trainer, task_eval_fn
+from slimtune.distributed.trainer import Trainer, stage_metrics, task_eval_fn
 
 
 @register_stage("finetune")
@@ -35,9 +35,5 @@ class Finetune:
         strategy = trainer.strategy
         result = trainer.fit(ctx.data()["train"], config.epochs, lr=config.lr, max_steps=config.max_steps)
         art.model = trainer.trained_model()
-        metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history,
-                   "step_seconds": result.step_seconds, "peak_rss_mb": result.peak_rss_mb, "world_size": strategy.world_size}
-        metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
-        if config.eval_split != "none":
-            metrics["split"] = config.eval_split
+        metrics = stage_metrics(result, strategy.world_size, config.eval_split if eval_fn else None)
         return StageResult(art, metrics)

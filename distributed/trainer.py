@@ -64,6 +64,16 @@ class TrainResult:
     peak_rss_mb: list[float] = field(default_factory=list)  # peak resident memory of each rank's process
 
 
+def stage_metrics(result: TrainResult, world_size: int, eval_split: str | None = None, prefix: str = "") -> dict:
+    """What a training stage reports: steps, history, timing, and the best epoch's metrics (on ``eval_split``)."""
+    metrics = {f"{prefix}best_epoch": result.best_epoch, f"{prefix}steps": result.steps, f"{prefix}history": result.history,
+               "step_seconds": result.step_seconds, "peak_rss_mb": result.peak_rss_mb, "world_size": world_size}
+    metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
+    if eval_split and eval_split != "none":
+        metrics["split"] = eval_split
+    return metrics
+
+
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FAIL_AT = "SLIMTUNE_FAIL_AT"  # testing hook: "STEP:RANK" kills that rank after STEP, on torchrun's first attempt
 

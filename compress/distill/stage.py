@@ -28,9 +28,10 @@ from slimtune.compress.distill.distill import prepare_distillation
 from slimtune.compress.distill.objective import DistillConfig
 from slimtune.compress.distill.student import StudentSpec, build_student, describe_student, kept_layers, remap_module_attrs
 from slimtune.errors import RecipeError
+from slimtune.models import parameter_count
 from slimtune.registry import register_stage
 from slimtune.stage import StageContext, StageResult
-from slimtune.distributed.trainer import Trainer, seed_everything, task_eval_fn
+from slimtune.distributed.trainer import Trainer, seed_everything, stage_metrics, task_eval_fn
 
 
 @register_stage("distill")
@@ -76,12 +77,8 @@ class Distill:
             if config.student.from_teacher_layers and art.module_attrs else {}
         out = replace(art, model=student, compression={**art.compression, "distill": record}, module_attrs=attrs,
                       swaps=[])
-        metrics = {"best_epoch": result.best_epoch, "steps": result.steps, "history": result.history,
-                   "step_seconds": result.step_seconds, "world_size": trainer.strategy.world_size,
-                   "student_parameters": _parameters(student), "teacher_parameters": _parameters(teacher)}
-        metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
-        if eval_fn is not None:
-            metrics["split"] = config.eval_split
+        metrics = stage_metrics(result, trainer.strategy.world_size, config.eval_split if eval_fn else None)
+        metrics.update(student_parameters=parameter_count(student), teacher_parameters=parameter_count(teacher))
         return StageResult(out, metrics)
 
 
@@ -98,7 +95,3 @@ def load_teacher(art: Artifact, path: str | None):
                           "student and teacher must share the tokenizer")
     return other.model
 
-
-def _parameters(model) -> int:
-    """Unique parameter count (shared tensors once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
