@@ -233,7 +233,8 @@ class Prune:
         if config.method == "structured":
             art.module_attrs = report.pop("module_attrs")
             art.compression["prune"] = report
-            metrics.update(parameters=report["parameters_after"], parameters_before=report["parameters_before"])
+            metrics.update({k: report[k] for k in ("parameters_before", "block_parameters_before", "block_parameters_after")},
+                           parameters=report["parameters_after"])
         else:
             if config.recover is not None:  # what training left, before re-applying the final masks
                 metrics["sparsity_after_recovery"] = measure_sparsity(model, list(masks))["overall"]

@@ -214,7 +214,8 @@ def prune_structured_(model: nn.Module, heads: float = 0.0, ffn: float = 0.0, la
         A JSON-serialisable report: ``heads`` ``{layer: [removed query heads]}``,
         ``ffn`` ``{layer: neurons removed}`` (keys are the *original* layer indices
         as strings, kept layers only), ``layers`` (removed indices), ``importance``,
-        ``layer_score`` (what ranked the layers), ``parameters_before``/``_after``
+        ``layer_score`` (what ranked the layers), ``parameters_before``/``_after``,
+        ``block_parameters_before``/``_after`` (the transformer blocks only: the encoder or decoder without embeddings and head)
         and ``module_attrs`` (store in ``Artifact.module_attrs``, replacing what was there).
 
     Raises:
@@ -234,7 +235,7 @@ def prune_structured_(model: nn.Module, heads: float = 0.0, ffn: float = 0.0, la
     needs_data = importance != "weight" and (per_group > 0 or neurons > 0 or rank_layers)
     _check_method(importance, needs_data, rank_layers, batches, loss_fn)
 
-    before = parameter_count(model)
+    before, blocks_before = parameter_count(model), parameter_count(arch.layers(model))
     scores = importance_scores(model, importance, batches, loss_fn, heads=per_group > 0, neurons=neurons > 0,
                                layers=rank_layers) if (per_group or neurons or rank_layers) else None
     dropped = lowest(scores.layers, layers) if rank_layers else list(layers or [])
@@ -254,5 +255,6 @@ def prune_structured_(model: nn.Module, heads: float = 0.0, ffn: float = 0.0, la
         "layer_score": LAYER_SCORES.get(importance) if rank_layers else None,
         "layer_scores": scores.layers.tolist() if rank_layers else None,
         "parameters_before": before, "parameters_after": parameter_count(model),
+        "block_parameters_before": blocks_before, "block_parameters_after": parameter_count(arch.layers(model)),
         "module_attrs": arch.module_attrs(model),
     }

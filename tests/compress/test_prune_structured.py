@@ -97,6 +97,8 @@ def check_prune(model, tokenizer, kind, **kw) -> dict:
     original = copy.deepcopy(model)
     report = prune_structured_(model, **kw)
     assert report["parameters_after"] == parameter_count(model) < parameter_count(original) == report["parameters_before"]
+    assert report["block_parameters_after"] == parameter_count(arch.layers(model)) < report["block_parameters_before"]
+    assert report["parameters_before"] - report["parameters_after"] == report["block_parameters_before"] - report["block_parameters_after"]
     assert json.loads(json.dumps(report)) == report
     ref = masked_reference(original, report, model)
     for batch in batches(tokenizer, kind):
