@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -151,6 +152,28 @@ def content_key(obj: Any) -> str:
 # ---------------------------------------------------------------- loading
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 without base-60 numbers: ``pattern: 2:4`` stays the string "2:4" (plain YAML reads 124)."""
+
+
+def _without_base_60() -> None:
+    for first, resolvers in list(RecipeLoader.yaml_implicit_resolvers.items()):
+        RecipeLoader.yaml_implicit_resolvers[first] = [
+            (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+    RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+        r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+_without_base_60()
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def shipped_recipes() -> dict[str, Path]:
     """Shipped recipe name -> path."""
     folder = resources.files("slimtune") / "recipes"
@@ -187,8 +210,8 @@ def load_recipe(recipe: str | Path, overrides: dict[str, Any] | None = None) -> 
     path = locate(recipe)
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
+        raw = yaml_load(text)
+        root = yaml.compose(text, Loader=RecipeLoader)
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}", "fix the YAML syntax at the position shown") from None
     if not isinstance(raw, dict):
@@ -205,7 +228,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise RecipeError(f"--set {item!r} has no '='", "write --set key.path=value, e.g. --set train.lr=3e-5")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        out[key.strip()] = yaml_load(value) if value.strip() else ""
     return out
 
 
@@ -213,7 +236,7 @@ def apply_override(raw: dict, dotted: str, value: Any) -> None:
     """Set ``raw[a][b][c] = value`` for ``dotted = "a.b.c"``; stages by name or index."""
     if isinstance(value, str):
         try:
-            value = yaml.safe_load(value)
+            value = yaml_load(value)
         except yaml.YAMLError:
             pass
     parts = dotted.split(".")

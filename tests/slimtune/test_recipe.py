@@ -95,3 +95,11 @@ def test_malformed_yaml_and_missing_recipe(tmp_path):
 def test_inconsistent_distributed_block_is_rejected(write_recipe, distributed, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(write_recipe("- finetune: {epochs: 1}\n", extra=f"distributed: {distributed}\n"))
+
+
+def test_colon_numbers_stay_strings_in_files_and_overrides(write_recipe):
+    # Plain YAML 1.1 reads 2:4 as the base-60 number 124; N:M sparsity patterns must survive.
+    recipe = load_recipe(write_recipe("- prune: {method: magnitude, pattern: 2:4}\n"), {"train.lr": "3e-5"})
+    assert recipe.stages[0].config.pattern == "2:4" and recipe.train.lr == 3e-5
+    again = load_recipe(write_recipe("- prune: {method: magnitude, pattern: 2:4}\n"), parse_set(["stages.prune.pattern=4:8"]))
+    assert again.stages[0].config.pattern == "4:8"
