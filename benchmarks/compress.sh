@@ -20,5 +20,5 @@ done
 $SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-dense" --set stages.prune.method=magnitude --set stages.prune.sparsity=0
 $SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-magnitude" --set stages.prune.method=magnitude
 $SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-wanda"
-$SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-magnitude-2of4" --set stages.prune.method=magnitude --set 'stages.prune.pattern="2:4"'
-$SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-wanda-2of4" --set 'stages.prune.pattern="2:4"'
+$SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-magnitude-2of4" --set stages.prune.method=magnitude --set stages.prune.pattern=2:4
+$SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-wanda-2of4" --set stages.prune.pattern=2:4
