@@ -157,9 +157,10 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 def _without_base_60() -> None:
-    for first, resolvers in list(RecipeLoader.yaml_implicit_resolvers.items()):
-        RecipeLoader.yaml_implicit_resolvers[first] = [
-            (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    # A copy: the inherited table is shared with yaml.SafeLoader and the dumpers.
+    RecipeLoader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
         r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
     RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(

@@ -103,3 +103,9 @@ def test_colon_numbers_stay_strings_in_files_and_overrides(write_recipe):
     assert recipe.stages[0].config.pattern == "2:4" and recipe.train.lr == 3e-5
     again = load_recipe(write_recipe("- prune: {method: magnitude, pattern: 2:4}\n"), parse_set(["stages.prune.pattern=4:8"]))
     assert again.stages[0].config.pattern == "4:8"
+
+
+def test_the_recipe_loader_leaves_plain_yaml_alone():
+    import yaml
+
+    assert yaml.safe_load("2:4") == 124 and yaml.safe_dump({"n": 1}) == "n: 1\n"
