@@ -80,6 +80,7 @@ class Artifact:
             "swaps": self.swaps,
             "compression": self.compression,
             "module_attrs": self.module_attrs,
+            "ties": shared_parameters(self.model),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -103,7 +104,7 @@ class Artifact:
         self.tokenizer.save_pretrained(directory)
         if self.lineage:
             self.lineage[-1]["sha256"] = file_sha256(directory / WEIGHTS_FILE)
-        write_json(directory / META_FILE, {**self.meta(), "ties": ties})
+        write_json(directory / META_FILE, self.meta())
 
 
 def shared_parameters(model: nn.Module) -> dict[str, str]:

@@ -200,6 +200,8 @@ def test_finetune_then_share_with_recovery_end_to_end(write_recipe, tmp_path):
     assert small.metrics["parameters"] == shared.metrics["parameters"] == dense.metrics["parameters"] - block
     saved_bytes = (dense.metrics["size_mb"] - small.metrics["size_mb"]) * 1e6  # the weight file, shared tensors stored once
     assert 0 <= saved_bytes - block * 4 < 200 * len(list(arch.layers(art.model)[0].parameters()))
+    after = slimtune.load(small.path)  # a stage that links the weights keeps the ties too
+    assert sharing_intact(after.model, [[0, 1]]) and after.lineage[-1]["stage"] == "evaluate"
 
 
 def test_recovery_by_distillation_trains_the_shared_weights(write_recipe, tmp_path, tiny_bert):
