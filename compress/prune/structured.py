@@ -47,6 +47,7 @@ from torch import nn
 from slimtune.compress import arch
 from slimtune.compress.prune.importance import LAYER_SCORES, METHODS, importance_scores
 from slimtune.errors import SlimTuneError
+from slimtune.models import parameter_count
 
 EPSILON = 1e-9  # so that 0.29 * 100 counts as 29, not 28
 
@@ -74,11 +75,6 @@ def unit_rows(kept: list[int], width: int) -> torch.Tensor:
     """(len(kept) * width,) row indices of the kept units of a (units * width, ...) weight."""
     kept = torch.as_tensor(kept, dtype=torch.long)
     return (kept[:, None] * width + torch.arange(width)).flatten()
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Unique parameters (a tied tensor counts once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- surgery
