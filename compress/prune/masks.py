@@ -57,7 +57,8 @@ def target_linears(model: nn.Module, include: list[str] | None = None, exclude: 
 
     By default every ``nn.Linear`` inside the transformer blocks (attention
     and FFN projections), not embeddings or task/LM heads. ``include`` globs
-    (matched against full module names, e.g. ``"*.attention.*"``) choose among
+    (matched against full module names, e.g. ``"*.attention.*"``, or regexes
+    written ``"re:.*\\.(q|v)_proj"``) choose among
     *all* linears instead; ``exclude`` globs then drop some. A weight shared
     by several modules is listed once, under its first name.
 
@@ -65,24 +66,25 @@ def target_linears(model: nn.Module, include: list[str] | None = None, exclude: 
         SlimTuneError: nothing is left to prune.
     """
     if include:
-        chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(n, include)}
+        chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, include)}
     else:
         inside = {id(m) for block in arch.layers(model) for m in block.modules()}
         chosen = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in inside}
     seen: set[int] = set()
     targets = {}
     for name, module in chosen.items():
-        if not _matches(name, exclude) and id(module.weight) not in seen:
+        if not matches(name, exclude) and id(module.weight) not in seen:
             seen.add(id(module.weight))
             targets[name] = module
     if not targets:
-        raise SlimTuneError(f"no linear layer to prune (include={include}, exclude={list(exclude)})",
+        raise SlimTuneError(f"no linear layer chosen (include={include}, exclude={list(exclude)})",
                             "check the include/exclude globs against the model's module names (print(model))")
     return targets
 
 
-def _matches(name: str, globs) -> bool:
-    return any(fnmatch.fnmatchcase(name, g) for g in globs)
+def matches(name: str, patterns) -> bool:
+    """Whether a module name matches any pattern: a glob (``"*.attention.*"``) or a regex written ``"re:<regex>"`` (full match)."""
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def pruned_count(n: int, sparsity: float) -> int:

@@ -1,0 +1,103 @@
+"""``QuantLinear``: the module an ``nn.Linear`` is swapped for when quantized.
+
+It holds the packed tensors of :mod:`slimtune.compress.kernels.reference`
+(``qweight``, ``scales``, optional ``zeros``) as buffers and an optional float
+bias, and its forward is one call to the dispatching custom op. Artifacts
+record each swap (``{"module", "type": "QuantLinear", "config"}``); loading
+builds ``QuantLinear.from_config(config)`` on the skeleton and loads the
+tensors from safetensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimtune.registry import register_module_type
+from slimtune.compress.kernels import dispatch  # noqa: F401 - registers torch.ops.slimtune.*
+from slimtune.compress.kernels.reference import num_groups
+from slimtune.compress.quant.rtn import QuantScheme, quantize_rtn
+
+
+@register_module_type
+class QuantLinear(nn.Module):
+    """A linear layer with a quantized, frozen weight.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        bits: 4 or 8.
+        group_size: inputs per scale (the last group may be shorter), or None for per output channel.
+        symmetric: no stored zero points.
+        bias: keep a float bias (trainable, e.g. for BitFit).
+        act_bits: 8 for W8A8 (dynamic per-token INT8 activations; 8-bit weights only), else None.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128,
+                 symmetric: bool = True, bias: bool = True, act_bits: int | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme = QuantScheme(bits, group_size, symmetric)
+        self.act_bits = act_bits
+        g = self.scheme.groups_of(in_features)
+        packed_k = (in_features + 1) // 2 if bits == 4 else in_features
+        self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8 if bits == 4 else torch.int8))
+        groups = num_groups(in_features, g)
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32))
+        self.register_buffer("zeros", None if symmetric else torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
+
+    @property
+    def group_size(self) -> int:
+        """The effective group size (``in_features`` when per channel)."""
+        return self.scheme.groups_of(self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits == 8:
+            y = torch.ops.slimtune.int8_dynamic_matmul(x, self.qweight, self.scales)
+        else:
+            y = torch.ops.slimtune.dequant_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight ``(out_features, in_features)`` this layer computes with."""
+        from slimtune.compress.kernels.reference import dequantize
+
+        return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size, self.in_features)
+
+    # -- artifact swap protocol -------------------------------------------------
+    def config(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.scheme.group_size, "symmetric": self.scheme.symmetric,
+                "bias": self.bias is not None, "act_bits": self.act_bits}
+
+    @classmethod
+    def from_config(cls, config: dict) -> QuantLinear:
+        return cls(**config)
+
+    @classmethod
+    def from_packed(cls, linear: nn.Linear, scheme: QuantScheme, packed: dict, act_bits: int | None = None) -> QuantLinear:
+        """Build from a float linear (for shape and bias) and its packed tensors ``{"qweight", "scales", "zeros"}``."""
+        layer = cls(linear.in_features, linear.out_features, scheme.bits, scheme.group_size, scheme.symmetric,
+                    linear.bias is not None, act_bits, dtype=linear.weight.dtype)
+        layer.qweight.copy_(packed["qweight"])
+        layer.scales.copy_(packed["scales"])
+        if packed.get("zeros") is not None:
+            layer.zeros.copy_(packed["zeros"])
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data)
+        return layer.to(linear.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, act_bits: int | None = None, where: str = "") -> QuantLinear:
+        """Round-to-nearest quantization of a float linear."""
+        return cls.from_packed(linear, scheme, quantize_rtn(linear.weight.detach(), scheme, where), act_bits)
+
+    def extra_repr(self) -> str:
+        group = "per-channel" if self.scheme.group_size is None else f"group_size={self.scheme.group_size}"
+        acts = f", act_bits={self.act_bits}" if self.act_bits else ""
+        sym = "symmetric" if self.scheme.symmetric else "asymmetric"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {group}, {sym}{acts}, bias={self.bias is not None}"

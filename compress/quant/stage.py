@@ -1,0 +1,297 @@
+"""The ``quantize`` stage and ``quantize_``, its Python verb: every weight-quantization method behind one config.
+
+* ``rtn``: round to nearest (rtn.py); ``gptq``: Hessian-guided rounding from
+  calibration batches (gptq.py); ``awq``: activation-aware channel scaling
+  searched on calibration batches, then RTN (awq.py). Calibration walks the
+  model block by block (calibrate.py).
+* ``qat: {epochs: N, distill: true}``: train with fake quantization and a
+  straight-through estimator through the Trainer (optionally distilling from
+  the float model), then convert to the same packed format (qat.py).
+* ``activations: 8``: W8A8, dynamic per-token INT8 activations (8-bit weights).
+* ``embeddings: 8 | 4``: row-wise quantization of the word embedding (and of
+  an LM head tied to it).
+
+Which linears: by default every ``nn.Linear`` inside the transformer blocks;
+``include`` chooses among all linears instead (globs, or regexes written
+``re:<pattern>``), ``exclude`` drops some, ``lm_head: true`` adds the LM head,
+and ``overrides`` (pattern -> bits/group_size/symmetric, first match wins)
+changes the scheme of some. Each chosen ``nn.Linear`` is swapped for a
+``QuantLinear``; the artifact records the swaps and stores the packed tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from torch import nn
+
+from slimtune.errors import SlimTuneError
+from slimtune.recipe import Strict
+from slimtune.registry import MODULE_TYPES, register_stage
+from slimtune.stage import StageContext, StageResult
+from slimtune.compress.prune.masks import matches, target_linears
+from slimtune.compress.quant.linear import QuantLinear
+from slimtune.compress.quant.rtn import QuantScheme
+from slimtune.compress.recover import RecoverConfig, frozen_copy, recover
+
+
+class Calibration(Strict):
+    """Which batches GPTQ and AWQ calibrate on."""
+
+    batches: int = Field(16, ge=1, description="number of batches (train.eval_batch_size examples each)")
+    split: Literal["train", "validation", "test"] = "train"
+
+
+class Override(Strict):
+    """A per-module change of scheme; fields left out keep the stage's value."""
+
+    bits: int | None = None
+    group_size: int | Literal["channel"] | None = None
+    symmetric: bool | None = None
+
+
+class QuantizeConfig(Strict):
+    """``quantize: {method: gptq, bits: 4, group_size: 128}`` (see the module docstring)."""
+
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    bits: int = Field(4, description="weight bits: 4 or 8")
+    group_size: int | Literal["channel"] | None = Field(
+        None, description="32, 64 or 128 inputs per scale, or channel (one scale per output channel); default 128 for 4 bits, channel for 8")
+    symmetric: bool = Field(True, description="symmetric codes (no zero points)")
+    activations: Literal[8] | None = Field(None, description="8: W8A8 with dynamic per-token INT8 activations")
+    include: list[str] | None = Field(None, description="globs or re:regexes over module names, chosen among all linears")
+    exclude: list[str] = Field(default_factory=list, description="globs or re:regexes of linears to keep in float")
+    lm_head: bool = Field(False, description="also quantize the LM head (opt-in)")
+    embeddings: Literal[4, 8] | None = Field(None, description="row-wise quantization of the word embedding (opt-in)")
+    overrides: dict[str, Override] = Field(default_factory=dict, description="pattern -> {bits, group_size, symmetric}; first match wins")
+    calibration: Calibration = Calibration()
+    damp: float = Field(0.01, gt=0, lt=1, description="gptq: Hessian damping, a fraction of its mean diagonal")
+    block_size: int = Field(128, ge=1, description="gptq: columns per lazy block update")
+    act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static groups)")
+    grid: int = Field(20, ge=2, description="awq: points of the scale-exponent search in [0, 1]")
+    qat: RecoverConfig | None = Field(None, description="quantization-aware training before converting, e.g. {epochs: 1, distill: true}")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        self.scheme()  # unsupported bits / group size
+        for pattern, override in self.overrides.items():
+            self.scheme(override)
+        if self.activations and (self.bits != 8 or any(o.bits not in (None, 8) for o in self.overrides.values())):
+            raise ValueError("activations: 8 (W8A8) needs 8-bit weights; set bits: 8")
+        if self.qat is not None and self.method != "rtn":
+            raise ValueError(f"qat: training converts with round-to-nearest; use method: rtn (not {self.method}) with qat")
+        return self
+
+    def scheme(self, override: Override | None = None) -> QuantScheme:
+        """The scheme of the stage, or of a module the ``override`` matches.
+
+        An override that changes ``bits`` takes the defaults of its bits for
+        the fields it leaves out (8 bits: per channel, symmetric).
+        """
+        bits, group_size, symmetric = self.bits, self.group_size, self.symmetric
+        if override is not None:
+            if override.bits is not None and override.bits != bits:
+                bits, group_size, symmetric = override.bits, None, True if override.bits == 8 else symmetric
+            group_size = override.group_size if override.group_size is not None else group_size
+            symmetric = override.symmetric if override.symmetric is not None else symmetric
+        if group_size is None:
+            group_size = 128 if bits == 4 else "channel"
+        try:
+            return QuantScheme(bits, None if group_size == "channel" else group_size, symmetric)
+        except SlimTuneError as err:
+            raise ValueError(f"{err.message} ({err.hint})") from None
+
+
+def quantize_config(**fields) -> QuantizeConfig:
+    """A validated :class:`QuantizeConfig`; bad values raise :class:`SlimTuneError` naming the field."""
+    try:
+        return QuantizeConfig.model_validate(fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        raise SlimTuneError(f"{where + ': ' if where else ''}{first['msg']}", "see help(slimtune.compress.quantize_)") from None
+
+
+# ---------------------------------------------------------------- choosing modules
+
+def select_schemes(model: nn.Module, config: QuantizeConfig) -> dict[str, QuantScheme]:
+    """``{linear name: scheme}`` of the linears the config quantizes.
+
+    Raises:
+        SlimTuneError: a chosen module is already quantized, a group size does
+            not divide a chosen linear's inputs, nothing is chosen, or the LM
+            head is asked for alone while tied to the embedding.
+    """
+    _refuse_quantized(model, config)
+    chosen = dict(target_linears(model, config.include, config.exclude))
+    head = _lm_head_name(model)
+    if config.lm_head:
+        if head is None:
+            raise SlimTuneError("lm_head: this model has no LM head", "remove lm_head: true")
+        if _head_is_tied(model) and config.embeddings is None:
+            raise SlimTuneError("lm_head: the LM head shares its weight with the word embedding",
+                                "quantize both at once with embeddings: 8 (or 4) instead of lm_head: true")
+        if not _head_is_tied(model):
+            chosen[head] = model.get_submodule(head)
+    elif head is not None and config.include is None:
+        chosen.pop(head, None)
+    schemes = {}
+    for name, linear in chosen.items():
+        scheme = config.scheme(next((o for p, o in config.overrides.items() if matches(name, [p])), None))
+        scheme.groups_of(linear.in_features, name)
+        schemes[name] = scheme
+    return schemes
+
+
+def _refuse_quantized(model: nn.Module, config: QuantizeConfig) -> None:
+    done = [n for n, m in model.named_modules() if type(m).__name__ in MODULE_TYPES]
+    if config.include:
+        done = [n for n in done if matches(n, config.include)]
+    done = [n for n in done if not matches(n, config.exclude)]
+    if done:
+        raise SlimTuneError(f"{done[0]} is already quantized ({len(done)} quantized module(s) chosen)",
+                            "quantize the float model once, or exclude the quantized modules")
+
+
+def _lm_head_name(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.weight.shape[0] != getattr(model.config, "vocab_size", -1):
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def _head_is_tied(model: nn.Module) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and embedding is not None and head.weight is embedding.weight
+
+
+# ---------------------------------------------------------------- quantizing (the Python verb)
+
+def quantize_(model: nn.Module, config: QuantizeConfig | None = None, batches: list[dict] | None = None, **fields) -> dict:
+    """Quantize ``model`` in place after training (PTQ); returns a JSON-serialisable report.
+
+    Args:
+        model: a transformers model (BERT or Llama family for GPTQ/AWQ; any model for RTN).
+        config: a :class:`QuantizeConfig`, or its fields as keyword arguments
+            (``quantize_(model, method="gptq", bits=4, group_size=128, batches=...)``).
+        batches: calibration batches (Collator output) for GPTQ and AWQ.
+
+    Returns:
+        ``{"method", "modules": {name: {"bits", "group_size", "symmetric", ...}}, "embedding", "bytes_before", "bytes_after"}``.
+
+    Raises:
+        SlimTuneError: a bad field (named), missing calibration batches, or a chosen module already quantized.
+    """
+    config = config or quantize_config(**fields)
+    if config.qat is not None:
+        raise SlimTuneError("qat: quantization-aware training runs in the recipe stage",
+                            "in Python, call prepare_qat_(model, schemes), train, then convert_qat_(model)")
+    schemes = select_schemes(model, config)
+    before = weight_bytes(model)
+    if config.method != "rtn" and not batches:
+        raise SlimTuneError(f"calibration: method {config.method} needs calibration batches",
+                            "pass batches=[...] (Collator output), or use method: rtn")
+    stats = _quantize_linears_(model, config, schemes, batches)
+    embedding = quantize_embedding(model, config)
+    set_activation_bits_(model, schemes, config.activations)
+    return {"method": config.method, "activations": config.activations, "embedding": embedding,
+            "modules": {n: {**describe(s), **stats.get(n, {})} for n, s in schemes.items()},
+            "bytes_before": before, "bytes_after": weight_bytes(model)}
+
+
+def _quantize_linears_(model: nn.Module, config: QuantizeConfig, schemes: dict, batches) -> dict:
+    if config.method == "gptq":
+        from slimtune.compress.quant.gptq import gptq_quantize_
+
+        return gptq_quantize_(model, batches, schemes, damp=config.damp, block_size=config.block_size, act_order=config.act_order)
+    if config.method == "awq":
+        from slimtune.compress.quant.awq import awq_quantize_
+
+        return awq_quantize_(model, batches, schemes, grid=config.grid)
+    for name, scheme in schemes.items():
+        swap_(model, name, QuantLinear.from_linear(model.get_submodule(name), scheme, where=name))
+    return {name: {"method": "rtn"} for name in schemes}
+
+
+def quantize_embedding(model: nn.Module, config: QuantizeConfig) -> str | None:
+    if config.embeddings is None:
+        return None
+    from slimtune.compress.quant.embedding import quantize_embedding_
+
+    return quantize_embedding_(model, config.embeddings)
+
+
+def set_activation_bits_(model: nn.Module, schemes: dict, act_bits: int | None) -> None:
+    for name in schemes:
+        model.get_submodule(name).act_bits = act_bits
+
+
+def swap_(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def describe(scheme: QuantScheme) -> dict:
+    return {"bits": scheme.bits, "group_size": scheme.group_size, "symmetric": scheme.symmetric}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, each tensor counted once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def module_swaps(model: nn.Module) -> list[dict]:
+    """The artifact's swap records: every module of a registered type, by name."""
+    return [{"module": n, "type": type(m).__name__, "config": m.config()}
+            for n, m in model.named_modules() if type(m).__name__ in MODULE_TYPES]
+
+
+# ---------------------------------------------------------------- the stage
+
+@register_stage("quantize")
+class Quantize:
+    """Quantize the artifact's model (see the module docstring)."""
+
+    changes_model = True
+    main_process_only = False
+    Config = QuantizeConfig
+
+    def run(self, ctx: StageContext, config: QuantizeConfig) -> StageResult:
+        art = ctx.artifact
+        model = art.model
+        metrics: dict = {}
+        if config.qat is not None:
+            model, report, metrics = quantize_aware_training(ctx, model, config)
+        else:
+            batches = ctx.batches(config.calibration.split, limit=config.calibration.batches * ctx.train.eval_batch_size) \
+                if config.method != "rtn" else None
+            report = quantize_(model, config, batches)
+        art.model = model
+        art.swaps = module_swaps(model)
+        art.compression["quantize"] = report
+        metrics.update(weight_mb=report["bytes_after"] / 1e6, weight_mb_before=report["bytes_before"] / 1e6,
+                       quantized_modules=len(report["modules"]))
+        return StageResult(art, metrics)
+
+
+def quantize_aware_training(ctx: StageContext, model: nn.Module, config: QuantizeConfig) -> tuple[nn.Module, dict, dict]:
+    """Fake-quantize, train through the Trainer (distilling from the float model if asked), convert."""
+    from slimtune.compress.quant.qat import convert_qat_, prepare_qat_
+
+    schemes = select_schemes(model, config)
+    before = weight_bytes(model)
+    teacher = frozen_copy(model) if config.qat.distill else None
+    prepare_qat_(model, schemes, {n: config.activations for n in schemes})
+    model, metrics = recover(ctx, model, config.qat, teacher)
+    convert_qat_(model)
+    embedding = quantize_embedding(model, config)
+    report = {"method": "qat", "activations": config.activations, "embedding": embedding,
+              "modules": {n: {**describe(s), "method": "qat"} for n, s in schemes.items()},
+              "bytes_before": before, "bytes_after": weight_bytes(model)}
+    return model, report, metrics
