@@ -84,10 +84,12 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
         table.add_row("onnx", f"{(path / 'model.onnx').stat().st_size / 1e6:.1f} MB (model.onnx)")
     table.add_row("module swaps", str(len(meta.get("swaps", []))))
     compression = meta.get("compression") or {}
-    shown = {k: ({n: x for n, x in v.items() if n != "modules"} if k == "prune" and isinstance(v, dict) else v) for k, v in compression.items()}
+    shown = {k: ({n: x for n, x in v.items() if n != "modules"} if isinstance(v, dict) else v) for k, v in compression.items()}
     table.add_row("compression", escape(str(shown or "none")))
     if isinstance(compression.get("prune"), dict) and "modules" in compression["prune"]:
         table.add_row("sparsity", escape(sparsity_lines(compression["prune"])))
+    if isinstance(compression.get("quantize"), dict) and "modules" in compression["quantize"]:
+        table.add_row("quantization", escape(quantization_lines(compression["quantize"])))
     params = _parameters_from_header(weights)
     if params:
         table.add_row("parameters", f"{params:,} (stored tensors)")
@@ -110,6 +112,21 @@ def sparsity_lines(prune: dict, most: int = 24) -> str:
     lines += [f"{name}  {min(v):.4f}" + (f"..{max(v):.4f}" if max(v) != min(v) else "") + f"  ({len(v)} modules)"
               for name, v in groups.items()]
     return "\n".join(lines + ["(every module's value: slimtune.json)"])
+
+
+def quantization_lines(record: dict) -> str:
+    """Quantized modules counted by scheme (bits, group size, symmetry, method), plus the embedding."""
+    counts: dict[str, int] = {}
+    for m in record["modules"].values():
+        group = "per-channel" if m.get("group_size") is None else f"group {m['group_size']}"
+        key = f"{m['bits']}-bit {group} {'symmetric' if m.get('symmetric', True) else 'asymmetric'} ({m.get('method', record['method'])})"
+        counts[key] = counts.get(key, 0) + 1
+    lines = [f"{key}: {n} module{'s' * (n != 1)}" for key, n in counts.items()]
+    if record.get("activations"):
+        lines.append(f"activations: dynamic per-token INT{record['activations']}")
+    if record.get("embedding"):
+        lines.append(f"embedding: {record['embedding']} (row-wise)")
+    return "\n".join(lines + ["(every module: slimtune.json)"])
 
 
 def _parameters_from_header(weights: Path) -> int:

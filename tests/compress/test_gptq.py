@@ -1,0 +1,228 @@
+"""GPTQ and the layer-by-layer calibration driver, on random layers and tiny random models."""
+
+import pytest
+import torch
+from torch import nn
+
+from slimtune.compress.arch import layers
+from slimtune.compress.kernels.reference import code_range, dequantize
+from slimtune.compress.quant.calibrate import walk_blocks
+from slimtune.compress.quant.gptq import GPTQ, gptq_quantize_
+from slimtune.compress.quant.linear import QuantLinear
+from slimtune.compress.quant.rtn import QuantScheme, group_params, pack_codes, quantize_codes, quantize_rtn
+from slimtune.errors import SlimTuneError
+from tests.compress.models import bert, llama
+
+G32 = QuantScheme(4, 32, True)
+SCHEMES = [G32, QuantScheme(4, None, False), QuantScheme(8, None, True)]
+
+
+def batches(seed: int = 0, vocab: int = 40) -> list[dict]:
+    """Two batches of different lengths, with padding at the end of some rows, and labels to be ignored."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in (9, 6):
+        mask = torch.ones(3, t, dtype=torch.long)
+        mask[1, -2:] = 0
+        mask[2, -4:] = 0
+        out.append({"input_ids": torch.randint(1, vocab, (3, t), generator=g), "attention_mask": mask,
+                    "labels": torch.zeros(3, dtype=torch.long)})
+    return out
+
+
+def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
+    return (10 * torch.log10(ref.pow(2).sum() / (ref - x).pow(2).sum())).item()
+
+
+def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
+    """``(n, k)`` inputs ``Z A`` with a random mixing ``A`` and uneven feature scales: H far from diagonal."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(k, k, generator=g) / k ** 0.5  # (k, k)
+    return torch.randn(n, k, generator=g) @ a * torch.rand(k, generator=g).add(0.1) * 3
+
+
+def gptq_of(linear: nn.Linear, x: torch.Tensor, scheme: QuantScheme, act_order: bool = True, block_size: int = 128) -> dict:
+    acc = GPTQ(linear)
+    for chunk in x.split(300):  # several batches: the running average must not depend on how they are cut
+        acc.add_batch(chunk[None])
+    return acc.finalize(scheme, block_size=block_size, act_order=act_order)
+
+
+def weight(packed: dict, scheme: QuantScheme, k: int) -> torch.Tensor:
+    return dequantize(packed["qweight"], packed["scales"], packed["zeros"], scheme.bits, scheme.groups_of(k), k)
+
+
+# --- the driver ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [bert, llama])
+@pytest.mark.parametrize("change", [False, True])
+def test_walk_blocks_feeds_each_block_what_the_model_does(make, change):
+    """Walking the blocks reproduces the model's hidden states; a block changed in place feeds the next one."""
+    model, data = make(layers=3), batches()
+    seen, last = [], []
+
+    def process(i, block, inputs):
+        seen.append(inputs.hidden)
+        if change:
+            with torch.no_grad():
+                next(m for m in block.modules() if isinstance(m, nn.Linear)).weight.mul_(3.0)
+        if i == 2:
+            last.extend(inputs.run(block))
+
+    walk_blocks(model, data, process)
+    assert len(seen) == 3
+    outputs = []
+    hook = layers(model)[-1].register_forward_hook(lambda m, a, out: outputs.append(out))
+    with torch.no_grad():
+        for b, batch in enumerate(data):
+            states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states
+            for i in range(3):
+                torch.testing.assert_close(seen[i][b], states[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(last[b], outputs[b], rtol=1e-5, atol=1e-5)
+    hook.remove()
+
+
+def test_block_inputs_feed_only_real_tokens():
+    model, data = llama(layers=2), batches()
+    counts = {}
+
+    class Count:
+        def __init__(self, name):
+            self.name = name
+
+        def add_batch(self, x, token_mask=None):
+            from slimtune.compress.prune.calibrate import real_tokens
+            counts[self.name] = counts.get(self.name, 0) + real_tokens(x, token_mask).shape[0]
+
+    walk_blocks(model, data, lambda i, block, inputs: inputs.feed(block, {"mlp.down_proj": Count(i), "self_attn.q_proj": Count(-1 - i)}))
+    real = sum(int(b["attention_mask"].sum()) for b in data)
+    assert counts == {0: real, 1: real, -1: real, -2: real}
+
+
+# --- GPTQ on one linear --------------------------------------------------------------
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=["4bit-g32", "4bit-channel-asym", "8bit"])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_beats_rtn_on_correlated_inputs(scheme, act_order):
+    torch.manual_seed(0)
+    linear, x = nn.Linear(128, 48), correlated_inputs(1200, 128, seed=1)
+    packed = gptq_of(linear, x, scheme, act_order, block_size=48)  # a block size that does not divide K
+    w = linear.weight.detach()
+    gptq_err = (x @ (w - weight(packed, scheme, 128)).t()).norm()
+    rtn_err = (x @ (w - weight(quantize_rtn(w, scheme), scheme, 128)).t()).norm()
+    assert gptq_err < (0.7 if act_order else 0.85) * rtn_err  # measured ~0.57 and ~0.72
+    # the reported loss estimates ||(W - Q) X^T||^2 / n
+    assert 0.5 < packed["error"] / (gptq_err ** 2 / x.shape[0]).item() < 2.0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=["4bit-g32", "4bit-channel-asym", "8bit"])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_weights_lie_on_their_group_grid(scheme, act_order):
+    torch.manual_seed(1)
+    k = 81  # g32: a short last group of 17 columns; 4-bit: an odd K pads one nibble
+    linear, x = nn.Linear(k, 20), correlated_inputs(400, k, seed=2)
+    packed = gptq_of(linear, x, scheme, act_order, block_size=32)
+    gs = scheme.groups_of(k)
+    assert packed["qweight"].shape == quantize_rtn(linear.weight.detach(), scheme)["qweight"].shape
+    assert packed["scales"].shape == (20, -(-k // gs)) and packed["scales"].dtype == torch.float32
+    assert (packed["zeros"] is None) == scheme.symmetric
+    w = weight(packed, scheme, k)
+    codes = quantize_codes(w, packed["scales"], packed["zeros"], scheme.bits, gs)
+    assert torch.equal(pack_codes(codes, scheme.bits), packed["qweight"])  # re-quantizing is the identity
+    lo, hi = code_range(scheme.bits)
+    assert lo <= int(codes.min()) and int(codes.max()) <= hi
+    if act_order:  # static groups: every group's parameters come from the original weight
+        scales, zeros = group_params(linear.weight.detach(), scheme, gs)
+        torch.testing.assert_close(packed["scales"], scales)
+        assert zeros is None or torch.equal(packed["zeros"], zeros)
+
+
+def test_dead_inputs_are_zeroed():
+    torch.manual_seed(2)
+    linear, x = nn.Linear(64, 16), correlated_inputs(300, 64, seed=3)
+    x[:, [5, 40]] = 0.0
+    packed = gptq_of(linear, x, G32)
+    w = weight(packed, G32, 64)
+    assert packed["dead"] == 2 and packed["tokens"] == 300
+    assert torch.isfinite(w).all() and w[:, [5, 40]].abs().max() == 0
+
+
+# --- GPTQ on whole models ------------------------------------------------------------
+
+def block_linears(model: nn.Module) -> list[str]:
+    blocks = {id(b) for b in layers(model)}
+    prefixes = [n + "." for n, m in model.named_modules() if id(m) in blocks]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(n.startswith(p) for p in prefixes)]
+
+
+def outputs(model: nn.Module, data: list[dict]) -> torch.Tensor:
+    """Last hidden states (BERT) or logits (Llama) of the real tokens, concatenated."""
+    with torch.no_grad():
+        rows = []
+        for batch in data:
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+            y = out.logits if out.logits.dim() == 3 else out.hidden_states[-1]
+            rows.append(y[batch["attention_mask"].bool()])
+        return torch.cat(rows)
+
+
+@pytest.mark.parametrize("make", [bert, llama])
+def test_gptq_quantize_model(make):
+    model, data = make(layers=2), batches()
+    reference = outputs(model, data)
+    names = block_linears(model)[:-1]  # one block linear stays float
+    head = "lm_head" if make is llama else "classifier"
+    schemes = {name: G32 for name in names} | {head: QuantScheme(8, None, True)}
+    rtn = make(layers=2)
+    for name in schemes:
+        rtn.set_submodule(name, QuantLinear.from_linear(rtn.get_submodule(name), schemes[name]))
+
+    report = gptq_quantize_(model, data, schemes, block_size=16)
+
+    quantized = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert quantized == set(schemes)
+    assert isinstance(model.get_submodule(block_linears(make(layers=2))[-1]), nn.Linear)
+    assert report[head]["method"] == "rtn" and all(report[n]["method"] == "gptq" for n in names)
+    assert all(report[n]["error"] >= 0 and report[n]["bits"] == 4 for n in names)
+    gptq_sqnr, rtn_sqnr = sqnr(reference, outputs(model, data)), sqnr(reference, outputs(rtn, data))
+    assert gptq_sqnr > 10 and gptq_sqnr >= rtn_sqnr
+
+
+def test_gptq_quantize_errors_name_the_problem():
+    model = llama(layers=2)
+    name = "model.layers.0.mlp.up_proj"
+    with pytest.raises(SlimTuneError, match="calibration"):
+        gptq_quantize_(model, [], {name: G32})
+    with pytest.raises(SlimTuneError, match="not an nn.Linear"):
+        gptq_quantize_(model, batches(), {"model.layers.0.input_layernorm": G32})
+    with pytest.raises(SlimTuneError, match="not a module"):
+        gptq_quantize_(model, batches(), {"model.layers.9.mlp.up_proj": G32})
+    shared = llama(layers=2)
+    shared.model.layers[1].mlp.up_proj.weight = shared.model.layers[0].mlp.up_proj.weight
+    with pytest.raises(SlimTuneError, match="shares its weight"):
+        gptq_quantize_(shared, batches(), {name: G32})
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())  # refused before any change
+    gptq_quantize_(model, batches(), {name: G32})
+    with pytest.raises(SlimTuneError, match="already quantized"):
+        gptq_quantize_(model, batches(), {name: G32})
+
+
+def _device_run(device: str) -> tuple[dict, float]:
+    model, data = llama(layers=2), batches()
+    reference = outputs(model, data)
+    report = gptq_quantize_(model, data, {name: G32 for name in block_linears(model)}, device=device)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # blocks went back where they were
+    return report, sqnr(reference, outputs(model, data))
+
+
+def test_gptq_on_a_calibration_device_gives_the_same_model():
+    report, value = _device_run("cpu")
+    assert report == gptq_quantize_(llama(layers=2), batches(), {name: G32 for name in block_linears(llama(layers=2))})
+    assert value > 10
+
+
+@pytest.mark.gpu
+def test_gptq_calibrates_blocks_on_cuda():
+    cpu_report, cpu_value = _device_run("cpu")
+    report, value = _device_run("cuda")
+    assert report.keys() == cpu_report.keys() and abs(value - cpu_value) < 1.0
