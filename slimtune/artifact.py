@@ -108,11 +108,12 @@ class Artifact:
 
 
 def shared_parameters(model: nn.Module) -> dict[str, str]:
-    """``{name: first name}`` for every parameter that shares another's tensor,
-    unless transformers ties them itself (tied word embeddings)."""
+    """``{name: first name}`` for every parameter or persistent buffer that is
+    another's tensor (e.g. a quantized LM head sharing the quantized embedding's
+    packed buffers), unless transformers ties them itself (tied word embeddings)."""
     first: dict[int, str] = {}
     ties = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in model.state_dict(keep_vars=True).items():
         if id(p) in first:
             ties[name] = first[id(p)]
         else:
@@ -149,10 +150,11 @@ def _apply_module_attrs(model: nn.Module, attrs: dict, state: dict) -> None:
 
 
 def _apply_ties(model: nn.Module, ties: dict[str, str]) -> None:
-    """Make each tied parameter the very same object as its source again."""
+    """Make each tied parameter or buffer the very same object as its source again."""
     for name, source in ties.items():
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, model.get_parameter(source))
+        source_parent, _, source_attr = source.rpartition(".")
+        setattr(model.get_submodule(parent), attr, getattr(model.get_submodule(source_parent), source_attr))
 
 
 def load(directory: str | Path) -> Artifact:
@@ -211,10 +213,10 @@ def _load_state(model: nn.Module, state: dict, path: Path) -> None:
 
 
 def _tied_names(model: nn.Module) -> set[str]:
-    """Parameter names that share storage with an earlier parameter."""
+    """State-dict names (parameters and buffers) that share storage with an earlier one."""
     first: dict[int, str] = {}
     tied = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in model.state_dict(keep_vars=True).items():
         if p.data_ptr() in first:
             tied.add(name)
         else:

@@ -96,6 +96,9 @@ def ort_session(path: str | Path, threads: int | None = None):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # ORT fuses weight-only INT8 (DequantizeLinear + MatMul) into MatMulNBits with INT8
+    # activations by default (accuracy level 4); keep them float, as PyTorch computes.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:
         options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

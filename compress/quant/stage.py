@@ -126,16 +126,17 @@ def select_schemes(model: nn.Module, config: QuantizeConfig) -> dict[str, QuantS
     _refuse_quantized(model, config)
     chosen = dict(target_linears(model, config.include, config.exclude))
     head = _lm_head_name(model)
-    if config.lm_head:
-        if head is None:
-            raise SlimTuneError("lm_head: this model has no LM head", "remove lm_head: true")
-        if _head_is_tied(model) and config.embeddings is None:
-            raise SlimTuneError("lm_head: the LM head shares its weight with the word embedding",
-                                "quantize both at once with embeddings: 8 (or 4) instead of lm_head: true")
-        if not _head_is_tied(model):
-            chosen[head] = model.get_submodule(head)
-    elif head is not None and config.include is None:
-        chosen.pop(head, None)
+    if config.lm_head and head is None:
+        raise SlimTuneError("lm_head: this model has no LM head", "remove lm_head: true")
+    wanted = config.lm_head or (head in chosen and config.include is not None)
+    if head is not None and wanted and _head_is_tied(model):
+        if config.embeddings is None:
+            raise SlimTuneError(f"lm_head: the LM head ({head}) shares its weight with the word embedding",
+                                "quantize both at once with embeddings: 8 (or 4), or exclude it")
+        wanted = False  # quantize_embedding_ quantizes the tied head with the table
+    chosen.pop(head, None)
+    if wanted:
+        chosen[head] = model.get_submodule(head)
     schemes = {}
     for name, linear in chosen.items():
         scheme = config.scheme(next((o for p, o in config.overrides.items() if matches(name, [p])), None))

@@ -99,7 +99,7 @@ def test_recipe_quantizes_and_evaluates_and_info_shows_it(write_recipe, tmp_path
     assert len(quantized_names(art.model)) == 10 and art.compression["quantize"]["method"] == "rtn"
     code, out, err = cli(capsys, "info", quantized.path)
     assert code == 0, err
-    assert "module swaps" in out and "10" in out
+    assert "module swaps" in out and "4-bit group 32 symmetric (rtn): 10 modules" in out
 
 
 def test_python_verb_errors_name_the_problem():
@@ -109,7 +109,7 @@ def test_python_verb_errors_name_the_problem():
     quantize_(model, bits=8)
     with pytest.raises(SlimTuneError, match="already quantized"):
         quantize_(model, bits=8)
-    with pytest.raises(SlimTuneError, match="lm_head: the LM head shares its weight"):
+    with pytest.raises(SlimTuneError, match=r"lm_head: the LM head \(lm_head\) shares its weight"):
         quantize_(llama(layers=1, tie_word_embeddings=True), group_size=32, lm_head=True)
     with pytest.raises(SlimTuneError, match="bits"):
         quantize_(llama(layers=1), bits=3)
@@ -154,3 +154,48 @@ def test_a_resolved_config_validates_again():
     for config in ({"bits": 8}, {"method": "gptq", "group_size": "channel", "symmetric": False}, {"overrides": {"*.q": {"bits": 8}}}):
         resolved = QuantizeConfig.model_validate(config).model_dump()
         assert QuantizeConfig.model_validate(resolved).model_dump() == resolved
+
+
+@pytest.mark.parametrize("method", ["gptq"])
+def test_calibrated_methods_run_as_a_recipe_on_a_decoder(method, tiny_llama, tiny_csv, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    stages = f"- quantize: {{method: {method}, bits: 4, group_size: 32, calibration: {{batches: 2}}}}\n- evaluate: {{split: test, onnx: false}}\n"
+    recipe.write_text(recipe_text(tiny_llama, tiny_csv, stages, kind="causal-lm"))
+    result = slimtune.run(recipe, overrides=SMALL, out=tmp_path / "run")
+    record = slimtune.load(result.stages[1].path).compression["quantize"]
+    assert record["method"] == method and len(record["modules"]) == 14
+    assert {m["method"] for m in record["modules"].values()} == {method}
+    assert result.stages[1].metrics["perplexity"] > 1
+
+
+def test_qat_trains_then_converts_to_the_packed_format(write_recipe, tmp_path):
+    stages = "- quantize: {bits: 4, group_size: 32, qat: {epochs: 1, distill: true}, embeddings: 8}\n"
+    result = slimtune.run(write_recipe(stages), overrides=SMALL, out=tmp_path / "run")
+    metrics = result.stages[0].metrics
+    assert metrics["recover_steps"] == 4 and "accuracy" in metrics
+    art = slimtune.load(result.stages[0].path)
+    record = art.compression["quantize"]
+    assert record["method"] == "qat" and record["embedding"] == "bert.embeddings.word_embeddings"
+    assert len(quantized_names(art.model)) == 12
+    assert not any("FakeQuant" in type(m).__name__ for m in art.model.modules())
+    assert type(art.model.bert.embeddings.word_embeddings).__name__ == "QuantEmbedding"
+
+
+def test_a_tied_head_is_quantized_with_the_embedding_never_alone():
+    model = llama(layers=1, tie_word_embeddings=True)
+    with pytest.raises(SlimTuneError, match=r"lm_head: the LM head \(lm_head\) shares its weight"):
+        quantize_(model, bits=8, include=["*proj", "lm_head"])
+    report = quantize_(model, bits=8, embeddings=8, lm_head=True)
+    assert report["embedding"] == "model.embed_tokens" and "lm_head" not in report["modules"]
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(head, QuantLinear) and head.qweight is table.qweight and head.scales is table.scales
+
+
+@pytest.mark.distributed
+def test_qat_agrees_under_single_ddp_and_fsdp(write_recipe, tmp_path):
+    from slimtune.distributed.testing import compare_strategies
+
+    recipe = write_recipe("- quantize: {bits: 4, group_size: 32, qat: {epochs: 1}}\n")
+    report = compare_strategies(recipe, tmp_path, overrides=SMALL)
+    assert report.ok, str(report)
+    assert ("fsdp", "quantize") in report.weight_diff
