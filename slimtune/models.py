@@ -66,10 +66,20 @@ def _first_line(err: Exception) -> str:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of distinct parameter elements (tied weights counted once)."""
+    """Number of distinct parameter elements (tied weights counted once).
+
+    A module that stores its weight packed (a quantized linear or embedding)
+    says how many weights it stands for with ``quantized_weight_numel``; those
+    count too, once per packed tensor ``qweight``.
+    """
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    for m in model.modules():
+        numel = getattr(m, "quantized_weight_numel", None)
+        if numel is not None and id(m.qweight) not in seen:
+            seen.add(id(m.qweight))
+            total += numel
     return total

@@ -7,26 +7,261 @@ torch.compile and the ONNX exporter see one op (the exporter lowers it to
 ``com.microsoft::MatMulNBits``), and with an autograd formula so adapters
 trained over a frozen quantized base backpropagate through the transposed
 product ``dequant_matmul_t``. The packed tensors never get gradients.
-
-Dispatch by device: CUDA -> the Triton kernels; CPU -> the reference
-(dequantize, then one float matmul).
-
 ``int8_dynamic_matmul(x, qweight, scales)`` is W8A8: per-token dynamic INT8
 activations times per-channel INT8 weights.
+
+Dispatch by device, dtype and shape. Every path is tested against reference.py.
+
+CUDA -> the Triton kernels (triton_int4.py / triton_int8.py, imported on the
+first CUDA call, so CPU users never need triton; without triton, or for a
+layout they do not implement, the reference):
+
+* M <= ``GEMV_MAX_M`` (16) rows: the GEMV kernel (bandwidth bound: reads the
+  packed bytes once).
+* M >= ``CUBLAS_MIN_M`` (1024) rows: dequantize once to the activation dtype
+  (one Triton pass) and call cuBLAS. Where 1024 comes from: an estimate, not a
+  measurement (no GPU was available when this was written). Dequantizing a
+  4096x4096 INT4 weight to fp16 moves ~40 MB (~15 us on an H100); a fused
+  Triton GEMM reaching ~70% of cuBLAS loses that much once M is about 700, so
+  the fused kernel is kept below 1024. ``python -m
+  slimtune.compress.kernels.bench`` times the gemv, gemm and dequant+cuBLAS
+  paths at every M; revise both thresholds from its table.
+* otherwise the tiled GEMM kernel; ``dequant_matmul_t`` always uses the tiled
+  transposed kernel below ``CUBLAS_MIN_M``.
+* W8A8: ``torch._int_mm`` (exact int32 accumulation; needs K and N multiples
+  of 8, M is padded to 17 rows), else an exact float64 matmul of the codes.
+
+CPU -> chosen by measurement on this project's 2-core AMD EPYC (AVX2), torch
+2.13, one thread, best of 15 under load from other jobs (so noisy), from
+``python -m slimtune.compress.kernels.bench --threads 1 --m 1 2 4 8 16 32 128``
+without CUDA. Times in ms, reference / chosen path:
+
+* INT4, bf16 activations, M <= ``CPU_INT4PACK_BF16_MAX_M`` (32): torch's
+  ``_weight_int4pack_mm_for_cpu`` with bf16 scales and float zero points
+  ``(8 - z) s``. K=576, N=1536, g64: M=1 22 / 0.16, M=32 21 / 1.7;
+  2048x2048 g128: M=1 24 / 0.74, M=8 25 / 1.9. Above 32 rows it stops winning
+  (M=128, 2048x2048: 81 ms against 51 for the exact path below), so larger M
+  takes the exact path. It rounds the scales to bf16, so it matches the
+  reference within ``BF16_TOLERANCE`` (2e-2) of the output's largest
+  magnitude; measured 3e-3 to 7.7e-3 (a bf16 ulp is 2^-8 = 3.9e-3).
+* INT4 with fp32/fp16 activations at M == 1 (decoding): the same kernel in
+  fp32 (exact: within ``FP32_TOLERANCE`` = 1e-5, measured <= 2.1e-6).
+  2048x2048 g128: 105 / 13 ms; 576x1536: 17 / 2.0. Its fp32 path is not
+  vectorized over M (M=8, 2048x2048: 110 ms against 20), so only M == 1.
+* INT8 per channel with fp32/fp16 activations at M == 1: torch's
+  ``_weight_int8pack_mm`` (exact, <= 2e-6): 2048x2048 19 / 7.2 ms;
+  576x1536 18 / 1.3. At M=8 it loses (99 against 37 ms).
+* Everything else, and every ``dequant_matmul_t``: dequantize with
+  broadcasting instead of the reference's ``repeat_interleave`` (bitwise the
+  same weight, so bitwise the same result) and one float matmul: INT4 fp32
+  M=128 2048x2048 48 / 44 ms, M=8 576x1536 17 / 2.8; INT8 M=128 99 / 46.
+* W8A8: the reference (an int32 matmul of the codes). ``torch._int_mm`` is
+  exact but slower on this CPU: M=1 2048x2048 3.2 against 8.8 ms, M=128 132
+  against 1349.
+
+The int4pack layout is derived from the stored tensors, never stored: it is
+cached per ``qweight`` tensor (a weak-keyed dictionary, so it dies with the
+module) and rebuilt when ``qweight``, ``scales`` or ``zeros`` change (their
+``_version`` counters and data pointers). It costs ``qweight``'s size again
+plus two floats per (group, output channel).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from slimtune.compress.kernels import reference
+
+GEMV_MAX_M = 16
+CUBLAS_MIN_M = 1024
+FP32_TOLERANCE = 1e-5  # the fp32 int4pack/int8pack kernels vs the reference, relative to the largest output
+BF16_TOLERANCE = 2e-2  # bf16 int4pack (bf16 scales) vs the reference
+CPU_INT4PACK_GROUPS = (256, 128, 64, 32)
+CPU_INT4PACK_BF16_MAX_M = 32
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+# -- CPU ------------------------------------------------------------------------------------------------------
+
+
+def dequantize_fast(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int, k: int) -> Tensor:
+    """:func:`reference.dequantize` without ``repeat_interleave``: the same float32 ``(N, K)``, bit for bit.
+
+    ``(code - zero)`` is a small integer, exact in float32 either way, and each
+    weight is one rounded product with its scale.
+    """
+    n = qweight.shape[0]
+    codes = reference.unpack_int4(qweight, k) if bits == 4 else qweight  # (N, K)
+    zero = zeros.float()[..., None] if zeros is not None else float(reference.symmetric_zero(bits))  # (N, G, 1)
+    groups = reference.num_groups(k, group_size)
+    codes = torch.nn.functional.pad(codes, (0, groups * group_size - k))  # a short last group: (N, G * gs)
+    w = (codes.reshape(n, groups, group_size).float() - zero) * scales.float()[..., None]  # (N, G, gs)
+    return w.reshape(n, -1)[:, :k]
+
+
+def _dequant_then_matmul(x, qweight, scales, zeros, bits, group_size, k):
+    w = dequantize_fast(qweight, scales, zeros, bits, group_size, k)  # (N, K)
+    return (x.float() @ w.t()).to(x.dtype)
+
+
+_DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _derived(tag: str, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], build):
+    """``build()``, cached per ``qweight`` tensor until any of the packed tensors changes."""
+    try:
+        stamp = tuple((t.data_ptr(), t._version) if t is not None else None for t in (qweight, scales, zeros))
+    except RuntimeError:  # inference tensors carry no version counter: do not cache
+        return build()
+    entries = _DERIVED.setdefault(qweight, {})
+    if tag not in entries or entries[tag][0] != stamp:
+        entries[tag] = (stamp, build())
+    return entries[tag][1]
+
+
+def _int4pack_group(n: int, group_size: int, k: int) -> int | None:
+    """The group the CPU int4pack kernel runs with, or None where it cannot take this weight."""
+    if n % 16 or k % 2:
+        return None
+    # A short last group (K not a multiple of group_size) runs with a smaller group that divides both.
+    return next((g for g in CPU_INT4PACK_GROUPS if group_size % g == 0 and k % g == 0), None)
+
+
+def _int4pack_weight(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int, k: int,
+                     cpu_group: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """int4pack's weight layout and its ``(K / cpu_group, N, 2)`` scales and float zero points ``(8 - z) s``."""
+    def build_weight():
+        codes = reference.unpack_int4(qweight, k).to(torch.int32)  # (N, K)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+    def build_scales():
+        repeat = group_size // cpu_group
+        s = scales.float().repeat_interleave(repeat, dim=1)[:, : k // cpu_group]  # (N, K / cpu_group)
+        z = zeros.float().repeat_interleave(repeat, dim=1)[:, : k // cpu_group] if zeros is not None else 8.0
+        return torch.stack([s, (8.0 - z) * s], dim=-1).transpose(0, 1).contiguous().to(dtype)  # (G', N, 2)
+
+    packed = _derived("int4pack", qweight, scales, zeros, build_weight)
+    return packed, _derived(f"int4pack-scales-{dtype}-{cpu_group}", qweight, scales, zeros, build_scales)
+
+
+def int4pack_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_size: int, k: int,
+                    dtype: torch.dtype = torch.bfloat16) -> Tensor | None:
+    """``x @ W^T`` with torch's CPU int4 kernel computing in ``dtype``; None where it does not apply."""
+    cpu_group = _int4pack_group(qweight.shape[0], group_size, k)
+    if cpu_group is None:
+        return None
+    packed, scale_zeros = _int4pack_weight(qweight, scales, zeros, group_size, k, cpu_group, dtype)
+    x2 = x.reshape(-1, k).to(dtype)  # (M, K)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, cpu_group, scale_zeros)  # (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def int8pack_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """``x @ W^T`` for per-channel INT8 codes with torch's CPU int8 kernel, in float32."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+    y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.float().reshape(-1))  # (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _cpu_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k):
+    m = _rows(x)
+    if bits == 4 and (x.dtype == torch.bfloat16 and 0 < m <= CPU_INT4PACK_BF16_MAX_M or m == 1):
+        y = int4pack_matmul(x, qweight, scales, zeros, group_size, k, torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+        if y is not None:
+            return y
+    if bits == 8 and m == 1 and zeros is None and group_size == k and x.dtype != torch.bfloat16:
+        return int8pack_matmul(x, qweight, scales)
+    return _dequant_then_matmul(x, qweight, scales, zeros, bits, group_size, k)
+
+
+def _cpu_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k):
+    w = dequantize_fast(qweight, scales, zeros, bits, group_size, k)  # (N, K)
+    return (dy.float() @ w).to(dy.dtype)
+
+
+# -- CUDA -----------------------------------------------------------------------------------------------------
+
+_warned_no_triton = False
+
+
+def _triton_kernels(bits: int):
+    """The Triton kernel module for ``bits`` and triton_common, imported on first use; (None, None) without triton."""
+    global _warned_no_triton
+    try:
+        from slimtune.compress.kernels import triton_common
+        if bits == 4:
+            from slimtune.compress.kernels import triton_int4 as kernels
+        else:
+            from slimtune.compress.kernels import triton_int8 as kernels
+    except ImportError as err:
+        if not _warned_no_triton:
+            warnings.warn(f"triton is not importable ({err}); quantized matmuls on CUDA use the slow reference. "
+                          "Install it with `pip install slimtune[kernels]`.", stacklevel=3)
+            _warned_no_triton = True
+        return None, None
+    return kernels, triton_common
+
+
+def _cuda_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k):
+    kernels, common = _triton_kernels(bits)
+    if kernels is None or not common.supports(x, qweight, scales, zeros, bits, group_size, k):
+        return reference.dequant_matmul(x, qweight, scales, zeros, bits, group_size, k)
+    m = _rows(x)
+    if m <= GEMV_MAX_M:
+        return kernels.gemv(x, qweight, scales, zeros, group_size, k)
+    if m >= CUBLAS_MIN_M:
+        w = kernels.dequantize(qweight, scales, zeros, group_size, k, dtype=x.dtype)  # (N, K)
+        return x @ w.t()
+    return kernels.gemm(x, qweight, scales, zeros, group_size, k)
+
+
+def _cuda_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k):
+    kernels, common = _triton_kernels(bits)
+    if kernels is None or not common.supports(dy, qweight, scales, zeros, bits, group_size, k, width=qweight.shape[0]):
+        return reference.dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k)
+    if _rows(dy) >= CUBLAS_MIN_M:
+        return dy @ kernels.dequantize(qweight, scales, zeros, group_size, k, dtype=dy.dtype)
+    return kernels.gemm_t(dy, qweight, scales, zeros, group_size, k)
+
+
+def _int_mm_exact(codes: Tensor, qweight: Tensor) -> Tensor:
+    """``codes (M, K) @ qweight (N, K)^T`` of int8 matrices on CUDA, exactly (int32 or float64 values)."""
+    m, kk = codes.shape
+    n = qweight.shape[0]
+    if kk % 8 == 0 and n % 8 == 0 and m:
+        padded = torch.cat([codes, codes.new_zeros(max(17 - m, 0), kk)]) if m <= 16 else codes  # _int_mm needs M > 16
+        try:
+            return torch._int_mm(padded, qweight.t())[:m]  # (M, N) int32
+        except RuntimeError:  # a cuBLASLt layout constraint this torch build adds
+            pass
+    return codes.double() @ qweight.double().t()  # exact: |sum| < 2^53
+
+
+def _cuda_int8_dynamic_matmul(x, qweight, scales):
+    shape = x.shape
+    codes, x_scale = reference.quantize_per_token_int8(x.reshape(-1, shape[-1]))  # (M, K), (M, 1)
+    acc = _int_mm_exact(codes, qweight)  # (M, N)
+    y = acc.float() * x_scale * scales.float().reshape(1, -1)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+# -- the custom ops -------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op("slimtune::dequant_matmul", mutates_args=())
 def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int, k: int) -> Tensor:
+    if x.is_cuda:
+        return _cuda_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k)
+    if x.device.type == "cpu":
+        return _cpu_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k)
     return reference.dequant_matmul(x, qweight, scales, zeros, bits, group_size, k)
 
 
@@ -37,6 +272,10 @@ def _(x, qweight, scales, zeros, bits, group_size, k):
 
 @torch.library.custom_op("slimtune::dequant_matmul_t", mutates_args=())
 def dequant_matmul_t(dy: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int, k: int) -> Tensor:
+    if dy.is_cuda:
+        return _cuda_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k)
+    if dy.device.type == "cpu":
+        return _cpu_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k)
     return reference.dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k)
 
 
@@ -62,6 +301,8 @@ torch.library.register_autograd("slimtune::dequant_matmul", _backward, setup_con
 
 @torch.library.custom_op("slimtune::int8_dynamic_matmul", mutates_args=())
 def int8_dynamic_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    if x.is_cuda:
+        return _cuda_int8_dynamic_matmul(x, qweight, scales)
     return reference.int8_dynamic_matmul(x, qweight, scales)
 
 

@@ -87,6 +87,11 @@ class QuantEmbedding(nn.Module):
     def bits(self) -> int:
         return self.scheme.bits
 
+    @property
+    def quantized_weight_numel(self) -> int:
+        """The number of weights ``qweight`` packs (counted as parameters in size reports)."""
+        return self.num_embeddings * self.embedding_dim
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return lookup_rows(input_ids, self.qweight, self.scales, self.bits, self.embedding_dim).to(self.dtype)
 

@@ -55,6 +55,11 @@ class QuantLinear(nn.Module):
         """The effective group size (``in_features`` when per channel)."""
         return self.scheme.groups_of(self.in_features)
 
+    @property
+    def quantized_weight_numel(self) -> int:
+        """The number of weights ``qweight`` packs (counted as parameters in size reports)."""
+        return self.in_features * self.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits == 8:
             y = torch.ops.slimtune.int8_dynamic_matmul(x, self.qweight, self.scales)

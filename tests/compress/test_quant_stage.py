@@ -10,6 +10,8 @@ from slimtune.compress import QuantLinear, quantize_
 from slimtune.compress.kernels.reference import dequantize
 from slimtune.compress.quant.stage import QuantizeConfig, select_schemes
 
+from slimtune.models import parameter_count
+
 from tests.compress.models import bert, llama
 from tests.compress.test_prune_stage import cli, stage_dirs
 from tests.conftest import recipe_text
@@ -54,12 +56,14 @@ def test_overrides_change_the_scheme_of_matching_modules_first_match_wins():
 def test_rtn_swaps_the_chosen_linears_and_keeps_the_output_close(fields, min_db):
     model = llama(layers=2)
     x = torch.randint(0, 40, (3, 11))
+    float_count = parameter_count(model)
     with torch.no_grad():
         reference = model(x).logits
         report = quantize_(model, **fields)
         out = model(x).logits
     assert quantized_names(model) == set(report["modules"]) and len(report["modules"]) == 14
     assert report["bytes_after"] < report["bytes_before"]
+    assert parameter_count(model) == float_count  # packed weights count as the weights they stand for
     assert sqnr_db(reference, out) > min_db
     linear = model.model.layers[0].mlp.up_proj
     assert linear.act_bits == fields.get("activations")
@@ -187,6 +191,7 @@ def test_a_tied_head_is_quantized_with_the_embedding_never_alone():
         quantize_(model, bits=8, include=["*proj", "lm_head"])
     report = quantize_(model, bits=8, embeddings=8, lm_head=True)
     assert report["embedding"] == "model.embed_tokens" and "lm_head" not in report["modules"]
+    assert parameter_count(model) == parameter_count(llama(layers=1, tie_word_embeddings=True))  # the table counts once
     head, table = model.get_output_embeddings(), model.get_input_embeddings()
     assert isinstance(head, QuantLinear) and head.qweight is table.qweight and head.scales is table.scales
 

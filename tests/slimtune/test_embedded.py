@@ -56,14 +56,16 @@ def test_minilm_sentiment_recipe_runs_end_to_end_on_a_subset(tmp_path):
 
     overrides = {"task.limit": 48, "stages.evaluate.runs": 2, "stages.evaluate.warmup": 1}
     result = slimtune.run("minilm-sentiment", overrides=overrides, out=tmp_path / "run")
-    assert [r.name for r in result.stages] == ["finetune", "distill", "prune", "evaluate", "export"]
+    assert [r.name for r in result.stages] == ["finetune", "distill", "prune", "quantize", "evaluate", "export"]
     export = result.stages[-1].metrics
     assert export["prediction_agreement"] == 1.0 and export["max_abs_diff"] < 1e-3
-    evaluate = result.stages[3].metrics
+    evaluate = result.stages[4].metrics
     assert evaluate["examples"] == 48 and evaluate["parameters"] < 0.75 * 22_700_000  # 3 of 6 layers, heads and FFN cut
+    assert evaluate["size_mb"] < 0.3 * 4 * evaluate["parameters"] / 1e6  # INT8 weights and embedding: ~1 byte each
     art = slimtune.load(result.stages[-1].path)
-    assert [e["stage"] for e in art.lineage] == ["source", "finetune", "distill", "prune", "evaluate", "export"]
+    assert [e["stage"] for e in art.lineage] == ["source", "finetune", "distill", "prune", "quantize", "evaluate", "export"]
     assert art.model.config.num_hidden_layers == 3 and art.model.config.intermediate_size == 768
+    assert type(art.model.bert.embeddings.word_embeddings).__name__ == "QuantEmbedding"
 
 
 def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights(tmp_path):
@@ -74,4 +76,15 @@ def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights(tmp_path):
     result = slimtune.run("smollm2-wanda", overrides=overrides, out=tmp_path / "run")
     prune, evaluate = (r.metrics for r in result.stages)
     assert prune["sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert math.isfinite(evaluate["perplexity"]) and evaluate["tokens"] > 0
+
+
+def test_smollm2_int4_gptq_recipe_quantizes_every_block_linear(tmp_path):
+    import slimtune
+
+    overrides = {"task.limit": 8, "task.max_length": 64, "stages.quantize.calibration.batches": 1, "stages.evaluate.runs": 2,
+                 "stages.evaluate.warmup": 1}
+    result = slimtune.run("smollm2-int4-gptq", overrides=overrides, out=tmp_path / "run")
+    quantize, evaluate = (r.metrics for r in result.stages)
+    assert quantize["quantized_modules"] == 30 * 7 and quantize["weight_mb"] < 0.5 * quantize["weight_mb_before"]
     assert math.isfinite(evaluate["perplexity"]) and evaluate["tokens"] > 0
