@@ -12,8 +12,8 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 [ -d "$OUT/smollm2-dense/02-evaluate" ] || \
   $SLIMTUNE run smollm2-wanda --out "$OUT/smollm2-dense" --set stages.prune.method=magnitude --set stages.prune.sparsity=0
 q=stages.quantize
-$SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-int8" --set $q.method=rtn --set $q.bits=8
-$SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-w8a8" --set $q.method=rtn --set $q.bits=8 --set $q.activations=8
+$SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-int8" --set $q.method=rtn --set $q.bits=8 --set $q.group_size=channel
+$SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-w8a8" --set $q.method=rtn --set $q.bits=8 --set $q.group_size=channel --set $q.activations=8
 $SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-int4-rtn" --set $q.method=rtn
 $SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-int4-gptq"
 $SLIMTUNE run smollm2-int4-gptq --out "$OUT/smollm2-int4-awq" --set $q.method=awq

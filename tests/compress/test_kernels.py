@@ -1,0 +1,514 @@
+"""The quantized matmul kernels against reference.py.
+
+* Every Triton kernel through the Triton interpreter, on fresh random packed
+  weights: M in {1, 3, 16, 33}, K and N that are not multiples of the blocks,
+  each group size (32/64/128, per channel, odd K per channel), a short last
+  group (K = 80 in 32s, 160 in 64s, 576 in 128s, odd K = 95 in 64s, a group
+  wider than K), with and without zero points, fp16 and fp32 (bf16 only on
+  the GEMV, which has no ``tl.dot``: the interpreter's bf16 dot is wrong),
+  split-K.
+* Every kernel compiled for sm_80 and sm_90 without a GPU.
+* The dispatcher on CPU (each path against the reference, autograd, the
+  derived-layout cache, fake tensors, ``torch.library.opcheck``).
+* ``gpu``: the compiled kernels on CUDA, bf16 included, and QuantLinear
+  forward + backward through the dispatcher.
+
+The interpreter needs ``TRITON_INTERPRET=1`` before triton itself is
+imported, which another test module's imports may already have done, so the
+interpreted kernels run in a fresh subprocess, and the compiles in another
+(both started by the first test that needs them, and running side by side);
+the tests assert on what they report. This process never imports the kernel
+modules on CPU, so on a GPU the dispatcher's lazy import gets compiled kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from slimtune.compress.kernels import dispatch, reference
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FP32_TOL, FP16_TOL, FP16_T_TOL, BF16_TOL = 1e-5, 2e-3, 5e-3, 1e-2
+
+
+def packed_weight(bits, n, k, group_size, zeros, seed, device="cpu"):
+    """Random codes, scales and zero points in format v1 (group_size None = per channel)."""
+    g = torch.Generator().manual_seed(seed)
+    group_size = group_size or k
+    if bits == 4:
+        qweight = reference.pack_int4(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8))
+    else:
+        qweight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    groups = reference.num_groups(k, group_size)  # the last group is short when group_size does not divide k
+    scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
+    zero = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8) if zeros else None
+    to = lambda t: None if t is None else t.to(device)
+    return to(qweight), to(scales), to(zero), group_size
+
+
+def max_error(out, ref):
+    """(largest |out - ref|, largest |ref|); shapes and dtypes must agree."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (out.dtype, ref.dtype, out.shape, ref.shape)
+    return (out.float() - ref.float()).abs().max().item(), ref.float().abs().max().item()
+
+
+def assert_close(out, ref, tol):
+    err, scale = max_error(out, ref)
+    assert err <= tol * scale, f"max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def forward_tol(dtype):
+    return {torch.float32: FP32_TOL, torch.float16: FP16_TOL, torch.bfloat16: BF16_TOL}[dtype]
+
+
+def randn(shape, dtype, seed, device="cpu"):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+
+
+# -- every Triton kernel through the interpreter --------------------------------------------------------------
+#
+# TRITON_INTERPRET must be set before triton itself is imported (its jit'd standard library, tl.sum and
+# friends, is defined then), and in a full test run transformers imports triton during collection. So the
+# interpreted kernels run in one fresh subprocess, started with the first test of this module; the
+# tests below assert on its measurements.
+
+# (M, K, N, group_size or None = per channel, zeros, dtype, split_k): together every M, group size,
+# zero/no zero, dtype and awkward K / N appear; interpreter blocks: GEMV (16, 256), GEMM (16, 32, 32)
+INT4_CASES = [
+    (1, 96, 40, 32, False, torch.float32, 1),
+    (3, 160, 72, 32, True, torch.float16, 2),
+    (16, 128, 40, 64, True, torch.float32, 2),
+    (33, 256, 40, 128, False, torch.float16, 1),
+    (1, 384, 48, 128, True, torch.float16, 2),
+    (3, 95, 72, None, True, torch.float32, 1),  # odd K: the padding nibble
+    (33, 96, 40, None, False, torch.float16, 2),
+    # a short last group: G = ceil(K / group), the last one K - (G - 1) * group wide
+    (1, 80, 40, 32, True, torch.float32, 1),
+    (3, 160, 72, 64, False, torch.float16, 2),
+    (33, 80, 48, 32, True, torch.float16, 2),
+    (3, 576, 24, 128, True, torch.float32, 2),  # SmolLM2: 4.5 groups of 128
+    (33, 95, 40, 64, False, torch.float32, 1),  # odd K: the padding nibble in the short group
+    (1, 80, 40, 128, True, torch.float16, 1),  # one group, wider than K
+]
+INT8_CASES = [
+    (1, 95, 40, None, False, torch.float32, 2),
+    (3, 160, 72, None, False, torch.float16, 1),
+    (16, 96, 40, 32, False, torch.float16, 2),
+    (33, 128, 72, 64, False, torch.float32, 1),
+    (33, 256, 40, 128, False, torch.float16, 2),
+    (1, 80, 40, 32, False, torch.float32, 2),  # a short last group
+    (3, 160, 72, 64, False, torch.float16, 1),
+    (3, 576, 24, 128, False, torch.float32, 2),
+]
+CASES = [(4, *c) for c in INT4_CASES] + [(8, *c) for c in INT8_CASES]
+IDS = [f"int{b}-m{m}-k{k}-n{n}-g{g or 'pc'}-{'z' if z else 'sym'}-{str(d)[6:]}-s{s}" for b, m, k, n, g, z, d, s in CASES]
+BF16_CASES = [(4, 32, True), (4, None, False), (8, None, False), (8, 64, False),
+              (4, 128, True), (8, 128, False)]  # K = 192: the last group of 128 is short
+DEQUANT_CASES = [(4, 32, True, 160), (4, None, False, 95), (8, None, False, 95), (8, 64, False, 192),
+                 (4, 32, True, 80), (4, 64, False, 95), (8, 64, False, 160)]
+
+
+def _forward(kernels, bits, m, k, n, group, zeros, dtype, split):
+    qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=m + k + n)
+    x = randn((m, k), dtype, seed=1)
+    ref = reference.dequant_matmul(x, qweight, scales, zero, bits, group_size, k)  # fp32 math, cast to dtype
+    rows = [("gemm", kernels.gemm(x, qweight, scales, zero, group_size, k, split_k=split), ref, forward_tol(dtype))]
+    if m <= kernels.GEMV_MAX_M:
+        rows.append(("gemv", kernels.gemv(x, qweight, scales, zero, group_size, k, split_k=split), ref, forward_tol(dtype)))
+    return rows
+
+
+def _transposed(kernels, bits, m, k, n, group, zeros, dtype, split):
+    qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=m + k + n)
+    dy = randn((m, n), dtype, seed=2)
+    ref = reference.dequant_matmul_t(dy, qweight, scales, zero, bits, group_size, k)
+    tol = FP32_TOL if dtype == torch.float32 else FP16_T_TOL  # the W tile is rounded to fp16 for tl.dot
+    return [("gemm_t", kernels.gemm_t(dy, qweight, scales, zero, group_size, k, split_k=split), ref, tol)]
+
+
+def _gemv_bf16(kernels, bits, group, zeros):
+    """bf16 runs on the GEMV (no tl.dot: the interpreter's bf16 dot is wrong); (2, 3, K) activations keep
+    their leading dimensions. The interpreter truncates fp32 -> bf16 (a GPU rounds): one bf16 ulp of slack."""
+    k, n = 192, 40
+    qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=3)
+    x = randn((2, 3, k), torch.bfloat16, seed=4)
+    ref = reference.dequant_matmul(x, qweight, scales, zero, bits, group_size, k)
+    return [("gemv", kernels.gemv(x, qweight, scales, zero, group_size, k), ref, BF16_TOL)]
+
+
+def _dequantize(kernels, bits, group, zeros, k):
+    qweight, scales, zero, group_size = packed_weight(bits, 40, k, group, zeros, seed=5)
+    ref = reference.dequantize(qweight, scales, zero, bits, group_size, k)  # (N, K) fp32
+    return [(f"dequantize-{dtype}", kernels.dequantize(qweight, scales, zero, group_size, k, dtype=dtype), ref.to(dtype), 0.0)
+            for dtype in (torch.float32, torch.float16)]
+
+
+def _rejections(kernels_by_bits):
+    """(what, error message or None) for inputs the wrappers must refuse; `supports` verdicts as messages too."""
+    from slimtune.compress.kernels import triton_common as common
+
+    int4, int8 = kernels_by_bits[4], kernels_by_bits[8]
+    qweight, scales, zero, _ = packed_weight(4, 40, 96, 32, True, seed=6)
+    q8, s8, _, _ = packed_weight(8, 40, 96, None, False, seed=7)
+    x = torch.randn(17, 96)
+    calls = {"17 rows": lambda: int4.gemv(x, qweight, scales, zero, 32, 96),
+             "group 48": lambda: int4.gemm(x, qweight, scales[:, :2], zero[:, :2], 48, 96),
+             "float64": lambda: int4.gemm(x.double(), qweight, scales, zero, 32, 96),
+             "width": lambda: int4.gemm(x[:, :64], qweight, scales, zero, 32, 96),
+             "int8 zeros": lambda: int8.gemm(x, q8, s8, torch.zeros(40, 1, dtype=torch.uint8), 96, 96)}
+    results = []
+    for what, call in calls.items():
+        try:
+            call()
+            results.append((what, None))
+        except ValueError as err:
+            results.append((what, str(err)))
+    results += [("supports ok", str(common.supports(x, qweight, scales, zero, 4, 32, 96))),
+                ("supports group 48", str(common.supports(x, qweight, scales[:, :2], zero[:, :2], 4, 48, 96))),
+                ("supports int8 as bits=4", str(common.supports(x, q8, s8, None, 4, 96, 96)))]
+    q80, s80, z80, _ = packed_weight(4, 40, 80, 32, True, seed=6)  # G = 3, the last group 16 wide
+    x80 = torch.randn(2, 80)
+    results.append(("supports ragged", str(common.supports(x80, q80, s80, z80, 4, 32, 80))))
+    for what, call in {"gemm floor groups": lambda: int4.gemm(x80, q80, s80[:, :2], z80[:, :2], 32, 80),
+                       "supports floor groups": lambda: common.supports(x80, q80, s80[:, :2], z80[:, :2], 4, 32, 80),
+                       "supports zeros columns": lambda: common.supports(x80, q80, s80, z80[:, :2], 4, 32, 80)}.items():
+        try:
+            results.append((what, f"no error: {call()}"))
+        except ValueError as err:
+            results.append((what, str(err)))
+    return results
+
+
+def interpreter_worker():
+    """Runs in a subprocess with TRITON_INTERPRET=1: every check, one JSON line each."""
+    import traceback
+
+    torch.set_num_threads(1)
+    from slimtune.compress.kernels import triton_common, triton_int4, triton_int8
+
+    assert triton_common.INTERPRET, "TRITON_INTERPRET=1 was not set before triton was imported"
+    kernels = {4: triton_int4, 8: triton_int8}
+    checks = {f"forward:{i}": (lambda c=c: _forward(kernels[c[0]], *c)) for i, c in zip(IDS, CASES)}
+    checks.update({f"transposed:{i}": (lambda c=c: _transposed(kernels[c[0]], *c)) for i, c in zip(IDS, CASES)})
+    checks.update({f"bf16:{c}": (lambda c=c: _gemv_bf16(kernels[c[0]], *c)) for c in BF16_CASES})
+    checks.update({f"dequantize:{c}": (lambda c=c: _dequantize(kernels[c[0]], *c)) for c in DEQUANT_CASES})
+    for name, check in checks.items():
+        try:
+            rows = [{"label": label, "tol": tol, "exact": tol == 0.0 and torch.equal(out, ref),
+                     **dict(zip(("err", "scale"), max_error(out, ref)))} for label, out, ref, tol in check()]
+            print(json.dumps({"check": name, "rows": rows}), flush=True)
+        except Exception:  # reported to, and failed by, the test that reads this check
+            print(json.dumps({"check": name, "error": traceback.format_exc()}), flush=True)
+    print(json.dumps({"check": "rejections", "rows": _rejections(kernels)}), flush=True)
+
+
+def _spawn(code: str, interpret: bool) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+
+
+class Job:
+    """A subprocess started early whose JSON lines are read once, by the first test that needs them."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.process, self._results = process, None
+
+    def results(self) -> dict:
+        if self._results is None:
+            out, err = self.process.communicate(timeout=900)
+            assert self.process.returncode == 0, err[-4000:]
+            self._results = {}
+            for line in out.splitlines():
+                if line.startswith("{"):
+                    row = json.loads(line)
+                    self._results.setdefault(row.pop("check", "compile"), []).append(row)
+        return self._results
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    """Starts the interpreter run and the sm_80 / sm_90 compiles together, with the first test that needs either."""
+    started = {"interpreter": Job(_spawn("from tests.compress.test_kernels import interpreter_worker; interpreter_worker()", True)),
+               "compile": Job(_spawn(COMPILE_SCRIPT, False))}
+    yield started
+    for job in started.values():
+        job.close()
+
+
+def checked(jobs, name):
+    (result,) = jobs["interpreter"].results()[name]
+    assert "error" not in result, result.get("error")
+    assert result["rows"]
+    for row in result["rows"]:
+        if row["tol"] == 0.0:
+            assert row["exact"], row
+        else:
+            assert row["err"] <= row["tol"] * row["scale"], row
+    return [row["label"] for row in result["rows"]]
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_triton_dequant_matmul_matches_reference(jobs, case):
+    labels = checked(jobs, f"forward:{case}")
+    assert ("gemv" in labels) == (int(case.split("-m")[1].split("-")[0]) <= 16)
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_triton_dequant_matmul_t_matches_reference(jobs, case):
+    assert checked(jobs, f"transposed:{case}") == ["gemm_t"]
+
+
+@pytest.mark.parametrize("case", BF16_CASES, ids=str)
+def test_triton_gemv_bf16_and_leading_dims(jobs, case):
+    checked(jobs, f"bf16:{case}")
+
+
+@pytest.mark.parametrize("case", DEQUANT_CASES, ids=str)
+def test_triton_dequantize_is_exact(jobs, case):
+    assert len(checked(jobs, f"dequantize:{case}")) == 2
+
+
+def test_triton_wrappers_reject_what_they_do_not_implement(jobs):
+    (result,) = jobs["interpreter"].results()["rejections"]
+    messages = dict(result["rows"])
+    assert "at most 16 rows" in messages["17 rows"]
+    assert "group_size=48" in messages["group 48"]
+    assert "float16, bfloat16 or float32" in messages["float64"]
+    assert "expected (..., 96)" in messages["width"]
+    assert "symmetric" in messages["int8 zeros"]
+    assert (messages["supports ok"], messages["supports group 48"], messages["supports int8 as bits=4"]) == ("True", "False", "False")
+    assert messages["supports ragged"] == "True"
+    for what in ("gemm floor groups", "supports floor groups"):  # 80 / 32 rounds up to 3 groups, not down to 2
+        assert "scales must have shape (N, ceil(k / group_size)) = (40, 3)" in messages[what], messages[what]
+    assert "zeros must have shape (N, ceil(k / group_size)) = (40, 3)" in messages["supports zeros columns"]
+
+
+# -- the dispatcher on CPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, m, k, n, group, zeros", [
+    (4, 1, 96, 40, 32, True),  # M=1 but N % 16: int4pack does not apply -> exact path
+    (4, 5, 128, 48, 64, False),
+    (4, 3, 95, 40, None, True),
+    (8, 1, 96, 40, None, False),  # M=1 per channel: the int8pack kernel
+    (8, 4, 96, 40, None, False),
+    (8, 3, 128, 40, 32, False),
+    (4, 3, 80, 48, 32, True),  # a short last group: the exact path
+    (4, 1, 320, 48, 128, False),  # a short last group on int4pack (fp32, M=1), which runs in groups of 64
+    (8, 5, 160, 40, 64, False),
+])
+def test_cpu_dispatch_matches_reference(bits, m, k, n, group, zeros):
+    qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=8)
+    x = torch.randn(m, k)
+    out = torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, bits, group_size, k)
+    assert_close(out, reference.dequant_matmul(x, qweight, scales, zero, bits, group_size, k), FP32_TOL)
+
+
+def test_cpu_exact_path_is_bitwise_the_reference():
+    for bits, group, zeros, k in [(4, 32, True, 96), (4, None, False, 95), (8, None, False, 96), (8, 32, True, 64),
+                                  (4, 32, True, 80), (4, 64, False, 95), (8, 128, False, 320)]:  # short last groups
+        qweight, scales, zero, group_size = packed_weight(bits, 48, k, group, zeros, seed=9)
+        assert torch.equal(dispatch.dequantize_fast(qweight, scales, zero, bits, group_size, k),
+                           reference.dequantize(qweight, scales, zero, bits, group_size, k))
+        x = torch.randn(7, k)
+        assert torch.equal(torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, bits, group_size, k),
+                           reference.dequant_matmul(x, qweight, scales, zero, bits, group_size, k))
+
+
+@pytest.mark.parametrize("group, zeros, k", [(32, True, 96), (128, False, 256), (None, True, 96),
+                                             (128, True, 320), (64, False, 160)])  # short last groups
+def test_cpu_int4pack_paths_within_stated_tolerance(group, zeros, k):
+    """bf16 activations (any M) and fp32 at M=1 go through torch's int4pack kernel (N % 16 == 0)."""
+    qweight, scales, zero, group_size = packed_weight(4, 48, k, group, zeros, seed=10)
+    for x, tol in [(torch.randn(1, k), dispatch.FP32_TOLERANCE), (torch.randn(1, k).bfloat16(), dispatch.BF16_TOLERANCE),
+                   (torch.randn(9, k).bfloat16(), dispatch.BF16_TOLERANCE)]:
+        out = torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, 4, group_size, k)
+        assert_close(out, reference.dequant_matmul(x, qweight, scales, zero, 4, group_size, k), tol)
+    assert qweight in dispatch._DERIVED  # the int4pack path ran (its layout is cached)
+
+
+def test_cpu_derived_layout_follows_in_place_updates():
+    qweight, scales, zero, group_size = packed_weight(4, 32, 64, 32, True, seed=11)
+    x = torch.randn(1, 64).bfloat16()
+    before = torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, 4, group_size, 64)
+    new_q, new_s, new_z, _ = packed_weight(4, 32, 64, 32, True, seed=12)
+    for old, new in [(qweight, new_q), (scales, new_s), (zero, new_z)]:
+        old.copy_(new)  # what load_state_dict does
+        out = torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, 4, group_size, 64)
+        assert_close(out, reference.dequant_matmul(x, qweight, scales, zero, 4, group_size, 64), dispatch.BF16_TOLERANCE)
+    assert not torch.equal(out, before)
+
+
+@pytest.mark.parametrize("bits, group, zeros, dtype", [(4, 32, True, torch.float32), (4, None, False, torch.bfloat16),
+                                                       (8, None, False, torch.float32)])
+def test_cpu_autograd_dx_is_dy_times_w(bits, group, zeros, dtype):
+    k, n = 96, 48
+    qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=13)
+    x = torch.randn(3, 5, k).to(dtype).requires_grad_()
+    y = torch.ops.slimtune.dequant_matmul(x, qweight, scales, zero, bits, group_size, k)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = reference.dequantize(qweight, scales, zero, bits, group_size, k)  # (N, K)
+    assert torch.equal(x.grad, (dy.float() @ w).to(dtype))
+
+
+def test_cpu_w8a8_matches_reference_and_backpropagates():
+    qweight, scales, _, _ = packed_weight(8, 40, 96, None, False, seed=14)
+    x = torch.randn(4, 96, requires_grad=True)
+    y = torch.ops.slimtune.int8_dynamic_matmul(x, qweight, scales)
+    assert torch.equal(y, reference.int8_dynamic_matmul(x.detach(), qweight, scales))
+    y.sum().backward()
+    w = reference.dequantize(qweight, scales, None, 8, 96, 96)
+    assert_close(x.grad, torch.ones(4, 40) @ w, FP32_TOL)
+
+
+@pytest.mark.parametrize("m, k, n", [(3, 96, 40), (20, 96, 40), (3, 95, 40)])
+def test_w8a8_cuda_path_logic_is_exact_on_cpu(m, k, n):
+    """The CUDA W8A8 path (torch._int_mm with M padded to 17 rows, or a float64 matmul when K or N is not a
+    multiple of 8) is device-agnostic code: on CPU it must equal the reference bit for bit."""
+    qweight, scales, _, _ = packed_weight(8, n, k, None, False, seed=m + k)
+    x = torch.randn(m, k)
+    assert torch.equal(dispatch._cuda_int8_dynamic_matmul(x, qweight, scales), reference.int8_dynamic_matmul(x, qweight, scales))
+
+
+def test_ops_under_fake_tensors_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    qweight, scales, zero, _ = packed_weight(4, 48, 96, 32, True, seed=15)
+    q8, s8, _, _ = packed_weight(8, 48, 96, None, False, seed=16)
+    x, dy = torch.randn(2, 3, 96, requires_grad=True), torch.randn(2, 3, 48)
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fake = lambda t: mode.from_tensor(t)
+        y = torch.ops.slimtune.dequant_matmul(fx, fake(qweight), fake(scales), fake(zero), 4, 32, 96)
+        dx = torch.ops.slimtune.dequant_matmul_t(fake(dy), fake(qweight), fake(scales), fake(zero), 4, 32, 96)
+        y8 = torch.ops.slimtune.int8_dynamic_matmul(fx, fake(q8), fake(s8))
+    assert (y.shape, dx.shape, y8.shape) == ((2, 3, 48), (2, 3, 96), (2, 3, 48))
+    torch.library.opcheck(torch.ops.slimtune.dequant_matmul.default, (x, qweight, scales, zero, 4, 32, 96))
+    torch.library.opcheck(torch.ops.slimtune.dequant_matmul_t.default, (dy, qweight, scales, zero, 4, 32, 96))
+    torch.library.opcheck(torch.ops.slimtune.int8_dynamic_matmul.default, (x, q8, s8))
+
+
+# -- compiled for sm_80 / sm_90 without a GPU ---------------------------------------------------------------
+
+COMPILE_SCRIPT = textwrap.dedent('''
+    import json, re, torch, triton
+    torch.set_num_threads(1)
+    from triton.backends.compiler import GPUTarget
+    from slimtune.compress.kernels import triton_int4, triton_int8
+    assert not triton.knobs.runtime.interpret
+    PTR = {"s_ptr": "*fp32", "z_ptr": "*u8"}
+    def compile_kernel(kernel, cc, q_type, consts, num_warps, num_stages):
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction under an autotuner
+        signature = {a: "constexpr" if a in consts else PTR.get(a, q_type if a == "q_ptr" else "*fp16" if a.endswith("_ptr") else "i32")
+                     for a in fn.arg_names}
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+        return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+    for bits, mod, q_type in ((4, triton_int4, "*u8"), (8, triton_int8, "*i8")):
+        zeros = {"HAS_ZEROS": True} if bits == 4 else {}
+        jobs = [(f"_int{bits}_gemv_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1, "BLOCK_M": 16}),
+                (f"_int{bits}_gemm_kernel", {"GROUP_SIZE": 0, "SPLIT_K": 2}),
+                (f"_int{bits}_gemm_t_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1}),
+                (f"_int{bits}_dequantize_kernel", {"BLOCK_N": 32, "BLOCK_K": 128})]
+        for name, consts in jobs:
+            kernel = getattr(mod, name)
+            config = kernel.configs[0] if hasattr(kernel, "configs") else None  # the smallest tiles compile fastest
+            meta = {**zeros, **consts, **(config.kwargs if config else {})} if "dequantize" not in name else {**zeros, **consts}
+            for cc in (80, 90):
+                compiled = compile_kernel(kernel, cc, q_type, meta, config.num_warps if config else 4,
+                                          config.num_stages if config else 1)
+                print(json.dumps({"kernel": name, "cc": cc, "arch": compiled.metadata.target.arch,
+                                  "ptx_target": re.findall(r"\\.target (sm_\\w+)", compiled.asm["ptx"]),
+                                  "cubin_elf": compiled.asm["cubin"][:4] == b"\\x7fELF"}), flush=True)
+''')
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(jobs):
+    results = jobs["compile"].results()["compile"]
+    kernels = {r["kernel"] for r in results}
+    assert kernels == {f"_int{b}_{k}_kernel" for b in (4, 8) for k in ("gemv", "gemm", "gemm_t", "dequantize")}
+    for r in results:
+        assert r["arch"] == r["cc"] and r["cubin_elf"], r
+        assert r["ptx_target"] == [f"sm_{r['cc']}" + ("a" if r["cc"] == 90 else "")], r
+    assert len(results) == 2 * len(kernels)
+
+
+# -- on a GPU -----------------------------------------------------------------------------------------------
+
+
+def _gpu_kernels(bits):
+    from slimtune.compress.kernels import triton_int4, triton_int8
+
+    kernels = triton_int4 if bits == 4 else triton_int8
+    assert not kernels.common.INTERPRET, "run the gpu tests without TRITON_INTERPRET"
+    return kernels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group, zeros", [(4, 128, False), (4, 32, True), (4, None, True), (8, None, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_kernels_match_reference(bits, group, zeros, dtype):
+    kernels = _gpu_kernels(bits)
+    for m, k, n in [(1, 4096, 4096), (3, 640, 1000), (16, 256, 72), (33, 512, 11008 // 8), (300, 1024, 520),
+                    (5, 576, 1536), (40, 576, 1536)]:  # SmolLM2's K: a short last group of 64 in groups of 128
+        qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=m, device="cuda")
+        x, dy = randn((m, k), dtype, 1, "cuda"), randn((m, n), dtype, 2, "cuda")
+        ref = reference.dequant_matmul(x, qweight, scales, zero, bits, group_size, k)
+        ref_t = reference.dequant_matmul_t(dy, qweight, scales, zero, bits, group_size, k)
+        tol = forward_tol(dtype)
+        if m <= kernels.GEMV_MAX_M:
+            assert_close(kernels.gemv(x, qweight, scales, zero, group_size, k), ref, tol)
+            assert_close(kernels.gemv(x, qweight, scales, zero, group_size, k, split_k=4), ref, tol)
+        assert_close(kernels.gemm(x, qweight, scales, zero, group_size, k), ref, tol)
+        tol_t = {torch.float32: FP32_TOL, torch.float16: FP16_T_TOL, torch.bfloat16: BF16_TOL}[dtype]
+        assert_close(kernels.gemm_t(dy, qweight, scales, zero, group_size, k), ref_t, tol_t)
+        w = reference.dequantize(qweight, scales, zero, bits, group_size, k)
+        assert torch.equal(kernels.dequantize(qweight, scales, zero, group_size, k, dtype=dtype), w.to(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 64, False), (4, None, True), (8, None, True)])
+def test_gpu_quant_linear_forward_backward_through_dispatcher(bits, group, symmetric):
+    from slimtune.compress.quant.linear import QuantLinear
+    from slimtune.compress.quant.rtn import QuantScheme
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(512, 384), QuantScheme(bits, group, symmetric)).cuda()
+    w = layer.dequantized_weight()  # (N, K) fp32
+    for m in (1, 40, dispatch.CUBLAS_MIN_M + 3):  # the gemv, gemm and dequant + cuBLAS paths
+        for dtype in (torch.float16, torch.bfloat16):
+            x = torch.randn(m, 512, device="cuda", dtype=dtype, requires_grad=True)
+            y = layer(x)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            assert_close(y, ((x.detach().float() @ w.t()).to(dtype) + layer.bias.to(dtype)), BF16_TOL)
+            assert_close(x.grad, (dy.float() @ w).to(dtype), BF16_TOL)
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_matches_cpu_reference():
+    qweight, scales, _, _ = packed_weight(8, 72, 96, None, False, seed=17)
+    for m in (3, 40):
+        x = torch.randn(m, 96)
+        y = torch.ops.slimtune.int8_dynamic_matmul(x.cuda(), qweight.cuda(), scales.cuda())
+        assert_close(y.cpu(), reference.int8_dynamic_matmul(x, qweight, scales), FP32_TOL)
