@@ -1,7 +1,8 @@
 """Where things are inside a transformer: the one place that knows architectures.
 
 Distillation (students from a subset of the teacher's layers), structured
-pruning (heads, FFN neurons, layers) and parameter sharing (groups of layers)
+pruning (heads, FFN neurons, layers), parameter sharing (groups of layers)
+and AWQ quantization (which linears share an input, :func:`input_groups`)
 all ask this module where the blocks, the attention projections and the FFN
 projections of a model are, and how to rewrite its config after surgery. No
 algorithm branches on ``model_type`` itself.
@@ -262,3 +263,55 @@ def _configs(model: nn.Module):
         if config is not None and all(config is not c for c in seen):
             seen.append(config)
     return seen
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    """Linears of one block that read the same input, and where a per-channel scale of that input folds.
+
+    Used by activation-aware scaling (AWQ): the input ``x`` of ``linears`` can
+    be replaced by ``x / s`` (and each weight by ``W * s``, columns) without
+    changing the model only if the op producing ``x`` feeds nothing else.
+
+    Attributes:
+        linears: paths relative to the block; all read the same input (hook the first).
+        prev: path relative to the block of the op whose output is that input, or
+            None when no op can absorb ``1 / s``.
+        kind: how ``prev`` absorbs it: ``"norm"`` (divide a LayerNorm/RMSNorm
+            weight and bias), ``"linear"`` (divide a linear's output rows and
+            bias; the path from it to ``linears`` is linear per channel), or
+            ``"none"``.
+    """
+
+    linears: tuple[str, ...]
+    prev: str | None = None
+    kind: str = "none"
+
+
+def input_groups(model: nn.Module, index: int) -> list[InputGroup]:
+    """The groups of linears of block ``index`` that share an input, for AWQ-style scaling.
+
+    Llama family (pre-LN): ``input_layernorm`` -> q/k/v; ``post_attention_layernorm``
+    -> gate/up; ``up_proj`` -> down (its input is ``act(gate) * up``); ``v_proj``
+    -> o when no key/value head is repeated (GQA repeats v's channels, so one
+    scale per o input cannot be divided out of v's rows).
+
+    BERT family (post-LN): the LayerNorm output entering q/k/v (and the one
+    entering ``intermediate.dense``) is also the residual stream, so a scale
+    folded into that LayerNorm would change the residual too: those groups
+    get ``prev=None``. ``value`` -> ``attention.output.dense`` folds (attention
+    mixes tokens, not channels, and rows of probabilities sum to 1, so v's bias
+    scales too); ``output.dense`` reads ``GELU(intermediate)``, which does not.
+    """
+    family, att = family_of(model), attention(model, index)
+    o_reads_v = att.v.out_features == att.o.in_features  # no repeated key/value heads
+    qkv, o = (family.q, family.k, family.v), (family.o,)
+    if family.name == "llama":
+        return [InputGroup(qkv, "input_layernorm", "norm"),
+                InputGroup(o, family.v, "linear") if o_reads_v else InputGroup(o),
+                InputGroup(family.ffn_inputs, "post_attention_layernorm", "norm"),
+                InputGroup((family.ffn_output,), "mlp.up_proj", "linear")]
+    return [InputGroup(qkv),
+            InputGroup(o, family.v, "linear") if o_reads_v else InputGroup(o),
+            InputGroup(family.ffn_inputs),
+            InputGroup((family.ffn_output,))]

@@ -69,7 +69,8 @@ class QuantizeConfig(Strict):
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: Hessian damping, a fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="gptq: columns per lazy block update")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static groups)")
-    grid: int = Field(20, ge=2, description="awq: points of the scale-exponent search in [0, 1]")
+    grid: int = Field(20, ge=2, description="awq: points of the scale-exponent (and clipping) search")
+    clip: bool = Field(True, description="awq: also search a clipping range per group")
     qat: RecoverConfig | None = Field(None, description="quantization-aware training before converting, e.g. {epochs: 1, distill: true}")
 
     @model_validator(mode="after")
@@ -209,7 +210,7 @@ def _quantize_linears_(model: nn.Module, config: QuantizeConfig, schemes: dict, 
     if config.method == "awq":
         from slimtune.compress.quant.awq import awq_quantize_
 
-        return awq_quantize_(model, batches, schemes, grid=config.grid)
+        return awq_quantize_(model, batches, schemes, grid=config.grid, clip=config.clip)
     for name, scheme in schemes.items():
         swap_(model, name, QuantLinear.from_linear(model.get_submodule(name), scheme, where=name))
     return {name: {"method": "rtn"} for name in schemes}

@@ -160,7 +160,7 @@ def test_a_resolved_config_validates_again():
         assert QuantizeConfig.model_validate(resolved).model_dump() == resolved
 
 
-@pytest.mark.parametrize("method", ["gptq"])
+@pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_calibrated_methods_run_as_a_recipe_on_a_decoder(method, tiny_llama, tiny_csv, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     stages = f"- quantize: {{method: {method}, bits: 4, group_size: 32, calibration: {{batches: 2}}}}\n- evaluate: {{split: test, onnx: false}}\n"
