@@ -27,6 +27,20 @@ def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton
     return [interpreted] if INTERPRET else gpu
 
 
+# every list keeps BLOCK_K=32 configs, the only ones that fit group_size=32 (prune_gemm)
+GEMM_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 64, 32, 4, 4), (16, 64, 128, 4, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
+                              (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1))
+
+GEMM_T_CONFIGS = configs(
+    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+     for bm, bn, bk, w, s in [(16, 64, 32, 4, 4), (16, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
+                              (128, 64, 64, 8, 3)]],
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1))
+
+
 def group_supported(group_size: int, k: int) -> bool:
     """Per channel (``group_size == k``), or a power-of-two group in [32, MAX_GROUP] (any ``k``: the last of
     the ``cdiv(k, group_size)`` groups may be short, as format v1 allows)."""

@@ -36,18 +36,8 @@ _GEMV_CONFIGS = configs(
                           (32, 256, 8, 2)]],
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=4, num_stages=1))
 
-# every list keeps BLOCK_K=32 configs, the only ones that fit group_size=32 (common.prune_gemm)
-_GEMM_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(16, 64, 32, 4, 4), (16, 64, 128, 4, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
-                              (64, 128, 64, 4, 4), (128, 128, 32, 8, 4), (128, 128, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1))
-
-_GEMM_T_CONFIGS = configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-     for bm, bn, bk, w, s in [(16, 64, 32, 4, 4), (16, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 4),
-                              (128, 64, 64, 8, 3)]],
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=1))
+_GEMM_CONFIGS = common.GEMM_CONFIGS
+_GEMM_T_CONFIGS = common.GEMM_T_CONFIGS
 
 _KEY = ["m_bucket", "N", "K", "GROUP_SIZE", "SPLIT_K"]
 
