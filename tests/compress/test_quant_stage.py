@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 import slimtune
-from slimtune.errors import RecipeError, SlimTuneError
+from slimtune.errors import SlimTuneError
 from slimtune.compress import QuantLinear, quantize_
 from slimtune.compress.kernels.reference import dequantize
 from slimtune.compress.quant.stage import QuantizeConfig, select_schemes
