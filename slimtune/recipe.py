@@ -29,6 +29,18 @@ class Strict(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @classmethod
+    def from_fields(cls, fields: dict, hint: str):
+        """Validate a Python verb's keyword arguments; a bad value raises SlimTuneError naming the field."""
+        from slimtune.errors import SlimTuneError
+
+        try:
+            return cls.model_validate(fields)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise SlimTuneError(f"{where + ': ' if where else ''}{first['msg']}", hint) from None
+
 
 class SplitLimits(Strict):
     train: int | None = Field(None, gt=0)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import Field, NonNegativeInt, ValidationError, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, field_validator, model_validator
 from torch import nn
 
 from slimtune.errors import SlimTuneError
@@ -145,12 +145,7 @@ def _check_unstructured(c: PruneConfig, given: set) -> None:
 
 def prune_config(**fields) -> PruneConfig:
     """A validated :class:`PruneConfig`; bad values raise :class:`SlimTuneError` naming the field."""
-    try:
-        return PruneConfig.model_validate(fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise SlimTuneError(f"{where + ': ' if where else ''}{first['msg']}", "see help(slimtune.compress.prune_)") from None
+    return PruneConfig.from_fields(fields, "see help(slimtune.compress.prune_)")
 
 
 # ---------------------------------------------------------------- one-shot pruning (the Python verb)

@@ -284,13 +284,13 @@ def awq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Quan
         listed = {name[len(prefix):]: scheme for name, scheme in schemes.items() if name.startswith(prefix)}
         results = search.apply_(block, arch.input_groups(model, index), listed, inputs)
         for rel, scheme in listed.items():
-            _swap_(block, rel, scheme, prefix + rel)
+            block.set_submodule(rel, QuantLinear.from_linear(block.get_submodule(rel), scheme, where=prefix + rel))
             report[prefix + rel] = results.get(rel, _rtn_entry())
 
     walk_blocks(model, batches, process_block, device)
     for name, scheme in schemes.items():
         if name not in report:  # outside the blocks
-            _swap_(model, name, scheme, name)
+            model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), scheme, where=name))
             report[name] = _rtn_entry()
     return report
 
@@ -366,11 +366,6 @@ def _shared_parameters(model: nn.Module) -> set[int]:
         (shared if id(p) in seen else seen).add(id(p))
     return shared
 
-
-def _swap_(root: nn.Module, name: str, scheme: QuantScheme, where: str) -> None:
-    parent, _, attr = name.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    setattr(owner, attr, QuantLinear.from_linear(getattr(owner, attr), scheme, where=where))
 
 
 def _rtn_entry() -> dict:

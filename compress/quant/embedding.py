@@ -164,9 +164,9 @@ def quantize_embedding_(model: nn.Module, bits: int) -> str:
     head = output_head_tied_to(model, embedding)
     quant = QuantEmbedding.from_embedding(embedding, bits, where=name)
     if head is not None:
-        set_submodule(model, module_name(model, head), tied_head(quant, head))
+        model.set_submodule(module_name(model, head), tied_head(quant, head))
         untie_config_(model)
-    set_submodule(model, name, quant)
+    model.set_submodule(name, quant)
     return name
 
 
@@ -197,7 +197,3 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
             return name
     raise SlimTuneError(f"{type(module).__name__} is not a submodule of the model", "pass the model that owns it")
 
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

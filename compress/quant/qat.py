@@ -136,7 +136,7 @@ def prepare_qat_(model: nn.Module, schemes: dict[str, QuantScheme], act_bits: di
     wrappers = {name: FakeQuantLinear(linear_named(model, name), scheme, act_bits.get(name), name)
                 for name, scheme in schemes.items()}
     for name, wrapper in wrappers.items():
-        set_submodule(model, name, wrapper)
+        model.set_submodule(name, wrapper)
     return list(wrappers)
 
 
@@ -153,7 +153,7 @@ def convert_qat_(model: nn.Module) -> list[str]:
     names = [name for name, module in model.named_modules() if isinstance(module, FakeQuantLinear)]
     for name in names:
         fake = model.get_submodule(name)
-        set_submodule(model, name, QuantLinear.from_linear(fake.base_layer, fake.scheme, fake.act_bits, where=name))
+        model.set_submodule(name, QuantLinear.from_linear(fake.base_layer, fake.scheme, fake.act_bits, where=name))
     return names
 
 
@@ -171,7 +171,3 @@ def linear_named(model: nn.Module, name: str) -> nn.Linear:
                             "QAT wraps linear layers only; exclude the module")
     return module
 
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

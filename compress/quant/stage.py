@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from slimtune.errors import SlimTuneError
@@ -106,12 +106,7 @@ class QuantizeConfig(Strict):
 
 def quantize_config(**fields) -> QuantizeConfig:
     """A validated :class:`QuantizeConfig`; bad values raise :class:`SlimTuneError` naming the field."""
-    try:
-        return QuantizeConfig.model_validate(fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise SlimTuneError(f"{where + ': ' if where else ''}{first['msg']}", "see help(slimtune.compress.quantize_)") from None
+    return QuantizeConfig.from_fields(fields, "see help(slimtune.compress.quantize_)")
 
 
 # ---------------------------------------------------------------- choosing modules
@@ -197,9 +192,15 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, batches: l
     stats = _quantize_linears_(model, config, schemes, batches)
     embedding = quantize_embedding(model, config)
     set_activation_bits_(model, schemes, config.activations)
-    return {"method": config.method, "activations": config.activations, "embedding": embedding,
+    return quantize_report(model, config, config.method, schemes, stats, embedding, before)
+
+
+def quantize_report(model: nn.Module, config: QuantizeConfig, method: str, schemes: dict, stats: dict,
+                    embedding: str | None, bytes_before: int) -> dict:
+    """The JSON record of one quantization (``compression["quantize"]`` in the artifact)."""
+    return {"method": method, "activations": config.activations, "embedding": embedding,
             "modules": {n: {**describe(s), **stats.get(n, {})} for n, s in schemes.items()},
-            "bytes_before": before, "bytes_after": weight_bytes(model)}
+            "bytes_before": bytes_before, "bytes_after": weight_bytes(model)}
 
 
 def _quantize_linears_(model: nn.Module, config: QuantizeConfig, schemes: dict, batches) -> dict:
@@ -212,7 +213,7 @@ def _quantize_linears_(model: nn.Module, config: QuantizeConfig, schemes: dict, 
 
         return awq_quantize_(model, batches, schemes, grid=config.grid, clip=config.clip)
     for name, scheme in schemes.items():
-        swap_(model, name, QuantLinear.from_linear(model.get_submodule(name), scheme, where=name))
+        model.set_submodule(name, QuantLinear.from_linear(model.get_submodule(name), scheme, where=name))
     return {name: {"method": "rtn"} for name in schemes}
 
 
@@ -228,10 +229,6 @@ def set_activation_bits_(model: nn.Module, schemes: dict, act_bits: int | None) 
     for name in schemes:
         model.get_submodule(name).act_bits = act_bits
 
-
-def swap_(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def describe(scheme: QuantScheme) -> dict:
@@ -293,7 +290,5 @@ def quantize_aware_training(ctx: StageContext, model: nn.Module, config: Quantiz
     model, metrics = recover(ctx, model, config.qat, teacher)
     convert_qat_(model)
     embedding = quantize_embedding(model, config)
-    report = {"method": "qat", "activations": config.activations, "embedding": embedding,
-              "modules": {n: {**describe(s), "method": "qat"} for n, s in schemes.items()},
-              "bytes_before": before, "bytes_after": weight_bytes(model)}
+    report = quantize_report(model, config, "qat", schemes, {n: {"method": "qat"} for n in schemes}, embedding, before)
     return model, report, metrics
