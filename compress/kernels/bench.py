@@ -165,7 +165,8 @@ def cpu_candidates(p: dict, case: str) -> dict:
     """name -> (fn(x), chosen by the dispatcher) for one CPU case."""
     q, s, z, bits, g, k = p["qweight"], p["scales"], p["zeros"], p["bits"], p["group_size"], p["k"]
     if case == "w8a8":
-        return {"reference": (lambda x: reference.int8_dynamic_matmul(x, q, s), True),
+        return {"reference": (lambda x: reference.int8_dynamic_matmul(x, q, s), False),
+                "dispatch": (lambda x: torch.ops.slimtune.int8_dynamic_matmul(x, q, s), True),
                 "torch._int_mm": (lambda x: _int_mm_w8a8(x, q, s), False)}
     cands = {"reference": (lambda x: reference.dequant_matmul(x, q, s, z, bits, g, k), False),
              "dispatch": (lambda x: torch.ops.slimtune.dequant_matmul(x, q, s, z, bits, g, k), True)}

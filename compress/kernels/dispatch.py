@@ -55,9 +55,15 @@ without CUDA. Times in ms, reference / chosen path:
   broadcasting instead of the reference's ``repeat_interleave`` (bitwise the
   same weight, so bitwise the same result) and one float matmul: INT4 fp32
   M=128 2048x2048 48 / 44 ms, M=8 576x1536 17 / 2.8; INT8 M=128 99 / 46.
-* W8A8: the reference (an int32 matmul of the codes). ``torch._int_mm`` is
-  exact but slower on this CPU: M=1 2048x2048 3.2 against 8.8 ms, M=128 132
-  against 1349.
+* W8A8 from ``CPU_W8A8_FLOAT_MIN_M`` (16) rows: the int8 codes multiplied by
+  float32 BLAS in chunks of 1024 inputs, exact (``exact_int8_matmul_fp32``),
+  so bitwise the reference's result. Side by side, one thread (2026-12-01,
+  idle), reference (an int32 matmul of the codes) / float chunks: 2048x2048
+  M=16 11.2 / 10.7 ms, M=64 31 / 18, M=2048 2462 / 332; 576x1536 M=16
+  2.1 / 1.1, M=2048 238 / 97. Below 16 rows the reference is as fast or
+  faster (M=4, 2048x2048: 4.5 against 7.6) and is kept. ``torch._int_mm`` is
+  exact but slower on this CPU (bench: M=8 2048x2048 24.5 against 5.5 ms for
+  the reference, M=128 about 10x slower).
 
 The int4pack layout is derived from the stored tensors, never stored: it is
 cached per ``qweight`` tensor (a weak-keyed dictionary, so it dies with the
@@ -83,6 +89,7 @@ FP32_TOLERANCE = 1e-5  # the fp32 int4pack/int8pack kernels vs the reference, re
 BF16_TOLERANCE = 2e-2  # bf16 int4pack (bf16 scales) vs the reference
 CPU_INT4PACK_GROUPS = (256, 128, 64, 32)
 CPU_INT4PACK_BF16_MAX_M = 32
+CPU_W8A8_FLOAT_MIN_M = 16
 
 
 def _rows(x: Tensor) -> int:
@@ -180,6 +187,34 @@ def _cpu_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k):
     if bits == 8 and m == 1 and zeros is None and group_size == k and x.dtype != torch.bfloat16:
         return int8pack_matmul(x, qweight, scales)
     return _dequant_then_matmul(x, qweight, scales, zeros, bits, group_size, k)
+
+
+# int8 x int8 products are at most 127^2 = 16129 in magnitude, so a float32 dot product over 1024 of them stays
+# below 2^24 at every partial sum: each chunk's float32 matmul is exact in any summation order.
+INT8_EXACT_FP32_CHUNK = 1024
+
+
+def exact_int8_matmul_fp32(codes: Tensor, qweight: Tensor) -> Tensor:
+    """``codes (M, K) @ qweight (N, K)^T`` of int8 matrices in [-127, 127], exactly, as float64 ``(M, N)``.
+
+    float32 BLAS on chunks of ``INT8_EXACT_FP32_CHUNK`` inputs (exact, see above),
+    chunks summed in float64 (exact below 2^53).
+    """
+    total = None
+    for start in range(0, codes.shape[1], INT8_EXACT_FP32_CHUNK):
+        part = codes[:, start:start + INT8_EXACT_FP32_CHUNK].float() @ qweight[:, start:start + INT8_EXACT_FP32_CHUNK].float().t()
+        total = part.double() if total is None else total + part.double()
+    return total if total is not None else codes.new_zeros(codes.shape[0], qweight.shape[0], dtype=torch.float64)
+
+
+def _cpu_int8_dynamic_matmul(x, qweight, scales):
+    shape = x.shape
+    if _rows(x) < CPU_W8A8_FLOAT_MIN_M:
+        return reference.int8_dynamic_matmul(x, qweight, scales)
+    codes, x_scale = reference.quantize_per_token_int8(x.reshape(-1, shape[-1]))  # (M, K), (M, 1)
+    acc = exact_int8_matmul_fp32(codes, qweight)  # (M, N): the reference's int32 sums, exactly
+    y = acc.float() * x_scale * scales.float().reshape(1, -1)
+    return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
 def _cpu_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k):
@@ -303,6 +338,8 @@ torch.library.register_autograd("slimtune::dequant_matmul", _backward, setup_con
 def int8_dynamic_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     if x.is_cuda:
         return _cuda_int8_dynamic_matmul(x, qweight, scales)
+    if x.device.type == "cpu":
+        return _cpu_int8_dynamic_matmul(x, qweight, scales)
     return reference.int8_dynamic_matmul(x, qweight, scales)
 
 

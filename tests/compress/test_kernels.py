@@ -382,6 +382,19 @@ def test_cpu_w8a8_matches_reference_and_backpropagates():
     assert_close(x.grad, torch.ones(4, 40) @ w, FP32_TOL)
 
 
+@pytest.mark.parametrize("m, k, n", [(1, 1024, 8), (16, 1025, 7), (17, 2 * 1024 + 333, 24)])
+def test_cpu_w8a8_float_chunks_are_exact(m, k, n):
+    """The CPU W8A8 path sums int8 products in float32 chunks of 1024 inputs: exact even where every product is
+    the largest one (127 * 127 * 1024 < 2^24), across chunk boundaries and a short last chunk."""
+    extreme = torch.full((m, k), 127, dtype=torch.int8), torch.full((n, k), -127, dtype=torch.int8)
+    codes = torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    for a, b in (extreme, codes):
+        assert torch.equal(dispatch.exact_int8_matmul_fp32(a, b), (a.long() @ b.long().t()).double())
+    qweight, scales, _, _ = packed_weight(8, n, k, None, False, seed=m + n)
+    x = torch.randn(m, k)
+    assert torch.equal(torch.ops.slimtune.int8_dynamic_matmul(x, qweight, scales), reference.int8_dynamic_matmul(x, qweight, scales))
+
+
 @pytest.mark.parametrize("m, k, n", [(3, 96, 40), (20, 96, 40), (3, 95, 40)])
 def test_w8a8_cuda_path_logic_is_exact_on_cpu(m, k, n):
     """The CUDA W8A8 path (torch._int_mm with M padded to 17 rows, or a float64 matmul when K or N is not a
