@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     report = compare_strategies(args.recipe, Path(args.out), parse_set(args.overrides), strategies, args.nproc, atol=float("inf"),
                                 metric_atol=float("inf"))
     table = Table(title=f"{args.recipe}: strategies side by side (nproc {args.nproc})")
-    for col in ("strategy", "processes", "train loss", "validation", "test", "step s", "peak RSS MB per rank", "stage s", "max weight diff"):
+    cuda = any(report.runs[name].stages[0].metrics.get("peak_cuda_mb") for name in strategies)
+    for col in ("strategy", "processes", "train loss", "validation", "test", "step s", "peak RSS MB per rank",
+                *(["peak CUDA MB per rank"] if cuda else []), "stage s", "max weight diff"):
         table.add_column(col)
     for name in strategies:
         stages = report.runs[name].stages
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(name, str(train.get("world_size", 1)), f"{train.get('train_loss', float('nan')):.4f}",
                       f"{train.get(metric, float('nan')):.4f}", f"{test.get(metric, float('nan')):.4f}",
                       f"{train.get('step_seconds') or float('nan'):.3f}", ", ".join(f"{m:.0f}" for m in train.get("peak_rss_mb", [])),
+                      *([", ".join(f"{m:.0f}" for m in train.get("peak_cuda_mb", []))] if cuda else []),
                       f"{train.get('seconds', float('nan')):.0f}", "reference" if diff is None else f"{diff:.1e}")
     Console(width=200).print(table)
 

@@ -62,12 +62,15 @@ class TrainResult:
     resumed_from: int | None = None
     step_seconds: float | None = None  # mean wall time of an optimizer step (this run, without evaluation)
     peak_rss_mb: list[float] = field(default_factory=list)  # peak resident memory of each rank's process
+    peak_cuda_mb: list[float] = field(default_factory=list)  # torch.cuda.max_memory_allocated of each rank (on GPUs)
 
 
 def stage_metrics(result: TrainResult, world_size: int, eval_split: str | None = None, prefix: str = "") -> dict:
     """What a training stage reports: steps, history, timing, and the best epoch's metrics (on ``eval_split``)."""
     metrics = {f"{prefix}best_epoch": result.best_epoch, f"{prefix}steps": result.steps, f"{prefix}history": result.history,
                "step_seconds": result.step_seconds, "peak_rss_mb": result.peak_rss_mb, "world_size": world_size}
+    if result.peak_cuda_mb:
+        metrics["peak_cuda_mb"] = result.peak_cuda_mb
     metrics.update({k: v for k, v in result.best.items() if k not in ("epoch", "step")})
     if eval_split and eval_split != "none":
         metrics["split"] = eval_split
@@ -186,6 +189,8 @@ class Trainer:
         if state.steps > first_step:
             result.step_seconds = strategy.reduce(train_seconds / (state.steps - first_step))
         result.peak_rss_mb = strategy.gather(round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+        if strategy.device.type == "cuda":
+            result.peak_cuda_mb = strategy.gather(round(torch.cuda.max_memory_allocated(strategy.device) / 2**20, 1))
         return result
 
     def _epoch(self, loader, optimizer, schedule, scaler, bar, state: TrainerState, total: int, best_state) -> None:

@@ -18,6 +18,16 @@ os.environ.setdefault("SLIMTUNE_QUIET", "1")
 import pytest
 import torch
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device (``pytest -m gpu`` on a CPU box)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor", "weak"]
 FILLER = ["the", "movie", "film", "was", "plot", "acting", "a", "really", "story", "and"]
