@@ -32,7 +32,7 @@ from torch import nn
 from slimtune.errors import SlimTuneError
 from slimtune.registry import register_module_type
 from slimtune.compress.kernels.reference import dequantize, symmetric_zero, unpack
-from slimtune.compress.quant.linear import QuantLinear
+from slimtune.compress.quant.linear import PackedModule, QuantLinear
 from slimtune.compress.quant.rtn import QuantScheme, quantize_rtn
 
 
@@ -64,7 +64,7 @@ def lookup_rows(ids: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 # ---------------------------------------------------------------- module
 
 @register_module_type
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(PackedModule):
     """A frozen word embedding stored as row-wise symmetric INT8 or INT4 codes.
 
     Args:

@@ -19,8 +19,27 @@ from slimtune.compress.kernels.reference import num_groups
 from slimtune.compress.quant.rtn import QuantScheme, quantize_rtn
 
 
+class PackedModule(nn.Module):
+    """Base of the modules that hold format-v1 tensors (``qweight``, float32 ``scales``, ``zeros``).
+
+    A dtype cast of the model (``model.half()``, ``model.to(torch.bfloat16)``)
+    changes the float dtype such a module computes in (its bias; ``dtype``
+    where it has one) but never the stored format: ``scales`` stay float32.
+    Device moves apply to every tensor.
+    """
+
+    def _apply(self, fn, recurse=True):
+        scales = self._buffers.get("scales")
+        super()._apply(fn, recurse)
+        if scales is not None and self._buffers["scales"].dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(self._buffers["scales"].device)
+        if isinstance(getattr(self, "dtype", None), torch.dtype):
+            self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .half() / .to(dtype) / .float()
+        return self
+
+
 @register_module_type
-class QuantLinear(nn.Module):
+class QuantLinear(PackedModule):
     """A linear layer with a quantized, frozen weight.
 
     Args:

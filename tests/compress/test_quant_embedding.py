@@ -172,3 +172,29 @@ def test_onnx_export_traces_the_lookup_without_a_custom_op(tmp_path):
     other = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(7))  # other shape than traced
     out = session.run(None, {session.get_inputs()[0].name: other.numpy()})[0]
     assert torch.equal(torch.from_numpy(out), module(other))
+
+
+@pytest.mark.parametrize("make, embedding_name", [(lambda: llama(layers=2, tie_word_embeddings=True), "model.embed_tokens"),
+                                                   (lambda: bert(layers=2), "bert.embeddings.word_embeddings")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_model_dtype_casts_change_the_compute_dtype_not_the_format(make, embedding_name, dtype):
+    """``model.to(torch.bfloat16)`` / ``.half()`` of a quantized model runs in that dtype (the embedding's output
+    follows, so LayerNorm/RMSNorm see what they expect); ``scales`` stay float32 and tied tensors stay shared."""
+    from slimtune.compress import quantize_
+
+    model = make()
+    ids = torch.randint(0, 40, (2, 11), generator=torch.Generator().manual_seed(5))
+    quantize_(model, bits=4, group_size=32, embeddings=8)
+    with torch.no_grad():
+        reference = model(ids).logits
+        model.to(dtype)
+        packed = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+        assert len(packed) > 2 and all(m.scales.dtype == torch.float32 for m in packed)
+        assert model.get_submodule(embedding_name).dtype == dtype
+        out = model(ids).logits
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), reference, atol=0.05 * reference.abs().max().item(), rtol=0)
+        if isinstance(model.lm_head if hasattr(model, "lm_head") else None, QuantLinear):
+            assert model.lm_head.scales is model.model.embed_tokens.scales
+        model.float()
+        assert model.get_submodule(embedding_name).dtype == torch.float32 and model(ids).logits.dtype == torch.float32
