@@ -10,6 +10,8 @@ tensors from safetensors.
 
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 import torch
 from torch import nn
 
@@ -25,14 +27,31 @@ class PackedModule(nn.Module):
     A dtype cast of the model (``model.half()``, ``model.to(torch.bfloat16)``)
     changes the float dtype such a module computes in (its bias; ``dtype``
     where it has one) but never the stored format: ``scales`` stay float32.
-    Device moves apply to every tensor.
+    Device moves apply to every tensor, and packed tensors shared between
+    modules (a tied LM head and the quantized embedding) stay shared: torch
+    re-creates each module's buffers separately, so one ``.to()`` call's
+    results are remembered by the tensor they replace.
     """
 
+    _moved: WeakKeyDictionary = WeakKeyDictionary()  # fn of one .to()/.cuda() call -> {id(old buffer): (old, new)}
+
     def _apply(self, fn, recurse=True):
-        scales = self._buffers.get("scales")
+        before = dict(self._buffers)
         super()._apply(fn, recurse)
-        if scales is not None and self._buffers["scales"].dtype != scales.dtype:
-            self._buffers["scales"] = scales.to(self._buffers["scales"].device)
+        try:
+            moved = PackedModule._moved.setdefault(fn, {})
+        except TypeError:  # fn cannot be weakly referenced: no sharing to keep
+            moved = {}
+        for name, old in before.items():
+            if old is None:
+                continue
+            new = self._buffers[name]
+            if name == "scales" and new.dtype != old.dtype:
+                new = self._buffers[name] = old.to(new.device)
+            if id(old) in moved and moved[id(old)][0] is old:
+                self._buffers[name] = moved[id(old)][1]
+            else:
+                moved[id(old)] = (old, new)
         if isinstance(getattr(self, "dtype", None), torch.dtype):
             self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .half() / .to(dtype) / .float()
         return self

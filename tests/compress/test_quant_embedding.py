@@ -198,3 +198,20 @@ def test_model_dtype_casts_change_the_compute_dtype_not_the_format(make, embeddi
             assert model.lm_head.scales is model.model.embed_tokens.scales
         model.float()
         assert model.get_submodule(embedding_name).dtype == torch.float32 and model(ids).logits.dtype == torch.float32
+
+
+def test_device_moves_keep_the_tied_head_sharing_the_embeddings_packed_tensors():
+    """torch re-creates each module's buffers on a move; the head and the embedding must still share one copy."""
+    from slimtune.compress import quantize_
+    from slimtune.compress.quant.linear import PackedModule
+
+    model = llama(layers=1, tie_word_embeddings=True)
+    quantize_(model, bits=4, group_size=32, embeddings=8)
+    embedding, head = model.model.embed_tokens, model.lm_head
+    old = embedding.qweight
+    model.to(torch.bfloat16).to("meta")  # a real device move (new tensors), the same code path as .cuda()
+    assert embedding.qweight is not old and embedding.qweight.device.type == "meta"
+    assert head.qweight is embedding.qweight and head.scales is embedding.scales and head.scales.dtype == torch.float32
+    blocks = [m for m in model.model.layers.modules() if isinstance(m, QuantLinear)]
+    assert blocks and all(m.qweight.device.type == "meta" for m in blocks)
+    assert len(PackedModule._moved) == 0  # nothing is kept once the call returns
