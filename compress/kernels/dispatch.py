@@ -207,14 +207,20 @@ def exact_int8_matmul_fp32(codes: Tensor, qweight: Tensor) -> Tensor:
     return total if total is not None else codes.new_zeros(codes.shape[0], qweight.shape[0], dtype=torch.float64)
 
 
-def _cpu_int8_dynamic_matmul(x, qweight, scales):
+def _w8a8(x, qweight, scales, codes_matmul):
+    """reference.int8_dynamic_matmul with its integer product computed by ``codes_matmul`` (exactly, so the
+    result is the reference's bit for bit)."""
     shape = x.shape
-    if _rows(x) < CPU_W8A8_FLOAT_MIN_M:
-        return reference.int8_dynamic_matmul(x, qweight, scales)
     codes, x_scale = reference.quantize_per_token_int8(x.reshape(-1, shape[-1]))  # (M, K), (M, 1)
-    acc = exact_int8_matmul_fp32(codes, qweight)  # (M, N): the reference's int32 sums, exactly
+    acc = codes_matmul(codes, qweight)  # (M, N) exact integer sums
     y = acc.float() * x_scale * scales.float().reshape(1, -1)
     return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def _cpu_int8_dynamic_matmul(x, qweight, scales):
+    if _rows(x) < CPU_W8A8_FLOAT_MIN_M:
+        return reference.int8_dynamic_matmul(x, qweight, scales)
+    return _w8a8(x, qweight, scales, exact_int8_matmul_fp32)
 
 
 def _cpu_dequant_matmul_t(dy, qweight, scales, zeros, bits, group_size, k):
@@ -281,11 +287,7 @@ def _int_mm_exact(codes: Tensor, qweight: Tensor) -> Tensor:
 
 
 def _cuda_int8_dynamic_matmul(x, qweight, scales):
-    shape = x.shape
-    codes, x_scale = reference.quantize_per_token_int8(x.reshape(-1, shape[-1]))  # (M, K), (M, 1)
-    acc = _int_mm_exact(codes, qweight)  # (M, N)
-    y = acc.float() * x_scale * scales.float().reshape(1, -1)
-    return y.reshape(*shape[:-1], -1).to(x.dtype)
+    return _w8a8(x, qweight, scales, _int_mm_exact)
 
 
 # -- the custom ops -------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Host-side helpers shared by the Triton dequant-matmul kernels (triton_int4.py, triton_int8.py).
+"""What the Triton dequant-matmul kernels (triton_int4.py, triton_int8.py) share.
 
 Validation of the packed tensors (format v1, see reference.py), autotune
 config lists (one config under the Triton interpreter, where autotuning would
-need a GPU timer), and the launch heuristics (split-K, M buckets).
+need a GPU timer), the launch heuristics (split-K, M buckets), the host
+launchers of the GEMV / GEMM / transposed GEMM, and two device helpers (the
+program order and the output tile's store).
 
 Kernels are pure tensor code and import nothing of SlimTune, so bad arguments
 raise ``ValueError``; the dispatcher checks :func:`supports` first and falls
@@ -15,11 +17,13 @@ import functools
 
 import torch
 import triton
+import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)  # read once, when the kernels are defined
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_GROUP = 256  # grouped formats: a power of two in [32, MAX_GROUP] (a divisor of every GEMV BLOCK_K)
 MAX_ELEMENTS = 2**31 - 1  # kernels index with int32 offsets
+GEMV_MAX_M = 16  # the GEMV kernels' largest row block (gemv_block_m)
 
 
 def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
@@ -196,3 +200,76 @@ def prune_gemm(configs_: list[triton.Config], named_args: dict, **kwargs) -> lis
     """Keep GEMM configs whose K tile lies inside one quantization group (``BLOCK_K`` divides it)."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE", 0))
     return [c for c in configs_ if group == 0 or group % c.kwargs["BLOCK_K"] == 0]  # every list has BLOCK_K=32
+
+
+# -- device helpers -------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped program order (Triton tutorial 03): neighbouring programs share weight tiles in L2."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
+    pid_n = (pid % num_pid_in_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def store_tile(ptrs, acc, mask, SPLIT_K: tl.constexpr):
+    """Write a program's fp32 tile: stored in the output dtype, or atomically added when SPLIT_K programs share it."""
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+# -- host launchers: allocate -> grid -> launch ---------------------------------------------------------------
+# ``packed`` are the kernel's weight tensors in argument order (qweight, scales[, zeros]); every kernel takes
+# (input, *packed, output, M, N, K, group_size, m_bucket, its strides in the same order, constexprs...).
+
+
+def _launch(kernel, grid, a2, packed, out, m, n, k, group_size, **constexprs):
+    kernel[grid](a2, *packed, out, m, n, k, group_size, m_bucket(m), a2.stride(0), *(t.stride(0) for t in packed),
+                 out.stride(0), GROUP_SIZE=group_constexpr(group_size, k), **constexprs)
+
+
+def launch_gemv(kernel, x: torch.Tensor, x2: torch.Tensor, packed: tuple, n: int, k: int, group_size: int,
+                split_k_: int | None, **constexprs) -> torch.Tensor:
+    """``x @ W^T`` through a GEMV kernel (at most ``GEMV_MAX_M`` rows of ``x2``), shaped like ``x``."""
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows; got {m} (use gemm)")
+    split = split_k_ or split_k(triton.cdiv(n, 8), k, x2.device)
+    y = output((m, n), x.dtype, split, x2.device)  # (M, N)
+    if m and n:
+        _launch(kernel, lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split), x2, packed, y, m, n, k, group_size,
+                SPLIT_K=split, BLOCK_M=gemv_block_m(m), **constexprs)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def launch_gemm(kernel, x: torch.Tensor, x2: torch.Tensor, packed: tuple, n: int, k: int, group_size: int,
+                split_k_: int | None, **constexprs) -> torch.Tensor:
+    """``x @ W^T`` through a tiled GEMM kernel, shaped like ``x``."""
+    m = x2.shape[0]
+    split = split_k_ or split_k(triton.cdiv(m, 64) * triton.cdiv(n, 64), k, x2.device)
+    y = output((m, n), x.dtype, split, x2.device)  # (M, N)
+    if m and n:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        _launch(kernel, grid, x2, packed, y, m, n, k, group_size, SPLIT_K=split, **constexprs)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def launch_gemm_t(kernel, dy: torch.Tensor, dy2: torch.Tensor, packed: tuple, n: int, k: int, group_size: int,
+                  split_k_: int | None, **constexprs) -> torch.Tensor:
+    """``dy @ W`` through a transposed GEMM kernel (tiles over (M, K), reduces over N), shaped like ``dy``."""
+    m = dy2.shape[0]
+    split = split_k_ or split_k(triton.cdiv(m, 64) * triton.cdiv(k, 64), n, dy2.device)
+    dx = output((m, k), dy.dtype, split, dy2.device)  # (M, K)
+    if m and n:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
+        _launch(kernel, grid, dy2, packed, dx, m, n, k, group_size, SPLIT_K=split, **constexprs)
+    elif m:
+        dx.zero_()
+    return dx.to(dy.dtype).reshape(*dy.shape[:-1], k)

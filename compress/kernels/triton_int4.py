@@ -48,9 +48,8 @@ import triton
 import triton.language as tl
 
 from slimtune.compress.kernels import triton_common as common
-from slimtune.compress.kernels.triton_common import configs
+from slimtune.compress.kernels.triton_common import GEMV_MAX_M, configs, store_tile, swizzle  # noqa: F401 - GEMV_MAX_M: module API
 
-GEMV_MAX_M = 16
 
 _GEMV_CONFIGS = configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -62,17 +61,6 @@ _GEMM_CONFIGS = common.GEMM_CONFIGS
 _GEMM_T_CONFIGS = common.GEMM_T_CONFIGS
 
 _KEY = ["m_bucket", "N", "K", "GROUP_SIZE", "HAS_ZEROS", "SPLIT_K"]
-
-
-@triton.jit
-def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """Grouped program order (Triton tutorial 03): neighbouring programs share weight tiles in L2."""
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_rows
-    pid_n = (pid % num_pid_in_group) // group_rows
-    return pid_m, pid_n
 
 
 @triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, reset_to_zero=["y_ptr"])
@@ -124,10 +112,7 @@ def _int4_gemv_kernel(
             acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    store_tile(y_ptrs, acc, y_mask, SPLIT_K)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
@@ -141,7 +126,7 @@ def _int4_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y (M, N) = x (M, K) @ W^T, one (BLOCK_M, BLOCK_N) tile per program; BLOCK_K divides the group."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,10 +157,7 @@ def _int4_gemm_kernel(
         acc += part * s[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    store_tile(y_ptrs, acc, y_mask, SPLIT_K)
 
 
 @triton.autotune(configs=_GEMM_T_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
@@ -190,7 +172,7 @@ def _int4_gemm_t_kernel(
 ):
     """dx (M, K) = dy (M, N) @ W, one (BLOCK_M, BLOCK_K) tile per program, reducing over N
     (every SPLIT_K-th N tile); even and odd k accumulate separately and are stored interleaved."""
-    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     byte = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # (BK/2,)
@@ -220,12 +202,8 @@ def _int4_gemm_t_kernel(
     dx_rows = dx_ptr + offs_m[:, None] * stride_dxm + k_even[None, :]
     mask_even = mask_m[:, None] & (k_even < K)[None, :]
     mask_odd = mask_m[:, None] & (k_even + 1 < K)[None, :]
-    if SPLIT_K == 1:
-        tl.store(dx_rows, acc_even.to(dx_ptr.dtype.element_ty), mask=mask_even)
-        tl.store(dx_rows + 1, acc_odd.to(dx_ptr.dtype.element_ty), mask=mask_odd)
-    else:
-        tl.atomic_add(dx_rows, acc_even, mask=mask_even)
-        tl.atomic_add(dx_rows + 1, acc_odd, mask=mask_odd)
+    store_tile(dx_rows, acc_even, mask_even, SPLIT_K)
+    store_tile(dx_rows + 1, acc_odd, mask_odd, SPLIT_K)
 
 
 @triton.jit
@@ -261,7 +239,7 @@ def _int4_dequantize_kernel(
     tl.store(w_rows + 1, (((b >> 4).to(tl.float32) - z_odd) * s_odd).to(out), mask=mask_odd)
 
 
-# -- host wrappers: validate -> allocate -> grid -> launch ---------------------------------------------------
+# -- host wrappers: validate, then triton_common's launchers ---------------------------------------------------
 
 
 def _prepare(x, qweight, scales, zeros, group_size, k, width=None):
@@ -285,35 +263,14 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         ValueError: more than 16 rows, or inputs the kernels do not implement.
     """
     n, x2, q, s, z = _prepare(x, qweight, scales, zeros, group_size, k)
-    m = x2.shape[0]
-    if m > GEMV_MAX_M:
-        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows; got {m} (use gemm)")
-    split = split_k or common.split_k(triton.cdiv(n, 8), k, x2.device)
-    y = common.output((m, n), x.dtype, split, x2.device)  # (M, N)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)
-        _int4_gemv_kernel[grid](
-            x2, q, s, z, y, m, n, k, group_size, common.m_bucket(m),
-            x2.stride(0), q.stride(0), s.stride(0), z.stride(0), y.stride(0),
-            HAS_ZEROS=zeros is not None, GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split,
-            BLOCK_M=common.gemv_block_m(m))
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return common.launch_gemv(_int4_gemv_kernel, x, x2, (q, s, z), n, k, group_size, split_k, HAS_ZEROS=zeros is not None)
 
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          group_size: int, k: int, split_k: int | None = None) -> torch.Tensor:
     """``x @ W^T`` for any number of rows (tiled ``tl.dot`` kernel); arguments as :func:`gemv`."""
     n, x2, q, s, z = _prepare(x, qweight, scales, zeros, group_size, k)
-    m = x2.shape[0]
-    split = split_k or common.split_k(triton.cdiv(m, 64) * triton.cdiv(n, 64), k, x2.device)
-    y = common.output((m, n), x.dtype, split, x2.device)  # (M, N)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-        _int4_gemm_kernel[grid](
-            x2, q, s, z, y, m, n, k, group_size, common.m_bucket(m),
-            x2.stride(0), q.stride(0), s.stride(0), z.stride(0), y.stride(0),
-            HAS_ZEROS=zeros is not None, GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return common.launch_gemm(_int4_gemm_kernel, x, x2, (q, s, z), n, k, group_size, split_k, HAS_ZEROS=zeros is not None)
 
 
 def gemm_t(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -328,18 +285,8 @@ def gemm_t(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         ``(..., K)`` in ``dy.dtype``.
     """
     n, dy2, q, s, z = _prepare(dy, qweight, scales, zeros, group_size, k, width=qweight.shape[0])
-    m = dy2.shape[0]
-    split = split_k or common.split_k(triton.cdiv(m, 64) * triton.cdiv(k, 64), n, dy2.device)
-    dx = common.output((m, k), dy.dtype, split, dy2.device)  # (M, K)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
-        _int4_gemm_t_kernel[grid](
-            dy2, q, s, z, dx, m, n, k, group_size, common.m_bucket(m),
-            dy2.stride(0), q.stride(0), s.stride(0), z.stride(0), dx.stride(0),
-            HAS_ZEROS=zeros is not None, GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split)
-    elif m:
-        dx.zero_()
-    return dx.to(dy.dtype).reshape(*dy.shape[:-1], k)
+    return common.launch_gemm_t(_int4_gemm_t_kernel, dy, dy2, (q, s, z), n, k, group_size, split_k,
+                                HAS_ZEROS=zeros is not None)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, k: int,

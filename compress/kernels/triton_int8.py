@@ -25,10 +25,8 @@ import triton
 import triton.language as tl
 
 from slimtune.compress.kernels import triton_common as common
-from slimtune.compress.kernels.triton_common import configs
-from slimtune.compress.kernels.triton_int4 import _swizzle
+from slimtune.compress.kernels.triton_common import GEMV_MAX_M, configs, store_tile, swizzle  # noqa: F401 - GEMV_MAX_M: module API
 
-GEMV_MAX_M = 16
 
 _GEMV_CONFIGS = configs(
     [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -79,10 +77,7 @@ def _int8_gemv_kernel(
             acc += tl.where(offs_m[:, None] == m, part[None, :], 0.0)
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    store_tile(y_ptrs, acc, y_mask, SPLIT_K)
 
 
 @triton.autotune(configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
@@ -96,7 +91,7 @@ def _int8_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y (M, N) = x (M, K) @ W^T, one (BLOCK_M, BLOCK_N) tile per program; BLOCK_K divides the group."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -115,10 +110,7 @@ def _int8_gemm_kernel(
         acc += tl.dot(x, q.to(dtype), input_precision="ieee") * s[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
+    store_tile(y_ptrs, acc, y_mask, SPLIT_K)
 
 
 @triton.autotune(configs=_GEMM_T_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
@@ -132,7 +124,7 @@ def _int8_gemm_t_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dx (M, K) = dy (M, N) @ W, one (BLOCK_M, BLOCK_K) tile per program, reducing over every SPLIT_K-th N tile."""
-    pid_m, pid_k = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -152,10 +144,7 @@ def _int8_gemm_t_kernel(
         acc = tl.dot(dy, (q.to(tl.float32) * s[:, None]).to(dtype), acc, input_precision="ieee")
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :]
     dx_mask = mask_m[:, None] & mask_k[None, :]
-    if SPLIT_K == 1:
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=dx_mask)
-    else:
-        tl.atomic_add(dx_ptrs, acc, mask=dx_mask)
+    store_tile(dx_ptrs, acc, dx_mask, SPLIT_K)
 
 
 @triton.jit
@@ -173,7 +162,7 @@ def _int8_dequantize_kernel(
     tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
-# -- host wrappers: validate -> allocate -> grid -> launch ---------------------------------------------------
+# -- host wrappers: validate, then triton_common's launchers ---------------------------------------------------
 
 
 def _prepare(x, qweight, scales, zeros, group_size, k, width=None):
@@ -197,52 +186,21 @@ def gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
         ValueError: more than 16 rows, zero points, or inputs the kernels do not implement.
     """
     n, x2, q, s = _prepare(x, qweight, scales, zeros, group_size, k)
-    m = x2.shape[0]
-    if m > GEMV_MAX_M:
-        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows; got {m} (use gemm)")
-    split = split_k or common.split_k(triton.cdiv(n, 8), k, x2.device)
-    y = common.output((m, n), x.dtype, split, x2.device)  # (M, N)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)
-        _int8_gemv_kernel[grid](
-            x2, q, s, y, m, n, k, group_size, common.m_bucket(m),
-            x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
-            GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split, BLOCK_M=common.gemv_block_m(m))
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return common.launch_gemv(_int8_gemv_kernel, x, x2, (q, s), n, k, group_size, split_k)
 
 
 def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
          group_size: int, k: int, split_k: int | None = None) -> torch.Tensor:
     """``x @ W^T`` for any number of rows (tiled ``tl.dot`` kernel); arguments as :func:`gemv`."""
     n, x2, q, s = _prepare(x, qweight, scales, zeros, group_size, k)
-    m = x2.shape[0]
-    split = split_k or common.split_k(triton.cdiv(m, 64) * triton.cdiv(n, 64), k, x2.device)
-    y = common.output((m, n), x.dtype, split, x2.device)  # (M, N)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
-        _int8_gemm_kernel[grid](
-            x2, q, s, y, m, n, k, group_size, common.m_bucket(m),
-            x2.stride(0), q.stride(0), s.stride(0), y.stride(0),
-            GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return common.launch_gemm(_int8_gemm_kernel, x, x2, (q, s), n, k, group_size, split_k)
 
 
 def gemm_t(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
            group_size: int, k: int, split_k: int | None = None) -> torch.Tensor:
     """``dy @ W`` (the input gradient): ``dy`` ``(..., N)`` -> ``(..., K)`` in ``dy.dtype``."""
     n, dy2, q, s = _prepare(dy, qweight, scales, zeros, group_size, k, width=qweight.shape[0])
-    m = dy2.shape[0]
-    split = split_k or common.split_k(triton.cdiv(m, 64) * triton.cdiv(k, 64), n, dy2.device)
-    dx = common.output((m, k), dy.dtype, split, dy2.device)  # (M, K)
-    if m and n:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
-        _int8_gemm_t_kernel[grid](
-            dy2, q, s, dx, m, n, k, group_size, common.m_bucket(m),
-            dy2.stride(0), q.stride(0), s.stride(0), dx.stride(0),
-            GROUP_SIZE=common.group_constexpr(group_size, k), SPLIT_K=split)
-    elif m:
-        dx.zero_()
-    return dx.to(dy.dtype).reshape(*dy.shape[:-1], k)
+    return common.launch_gemm_t(_int8_gemm_t_kernel, dy, dy2, (q, s), n, k, group_size, split_k)
 
 
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, k: int,

@@ -48,10 +48,10 @@ class PackedModule(nn.Module):
             new = self._buffers[name]
             if name == "scales" and new.dtype != old.dtype:
                 new = self._buffers[name] = old.to(new.device)
-            if id(old) in moved and moved[id(old)][0] is old:
+            if id(old) in moved:  # another module's buffer too: share what it became
                 self._buffers[name] = moved[id(old)][1]
             else:
-                moved[id(old)] = (old, new)
+                moved[id(old)] = (old, new)  # holding old keeps its id from being reused during the call
         if isinstance(getattr(self, "dtype", None), torch.dtype):
             self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype  # follows .half() / .to(dtype) / .float()
         return self
