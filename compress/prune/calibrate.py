@@ -10,8 +10,9 @@ the batch's ``attention_mask``, and an input whose leading dims are
 ``(batch, tokens)`` keeps only the real tokens.
 
 Limits: the whole model runs at once (no layer-by-layer offloading), so it
-must fit on its device; every accumulator sees the inputs of the *dense*
-model up to its layer (not of the already-pruned layers before it).
+must fit on its device; every accumulator sees the inputs of the model as it
+is (one-shot Wanda instead walks the blocks and scores each on the pruned
+blocks before it, see wanda.py; gradual Wanda uses this one dense pass).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ sparsity never drifts.
 
 Limits: unstructured sparsity only (N:M is a fixed pattern, not a ramp);
 under FSDP each pruning step gathers the targeted weights in full on every
-rank; Wanda scores reuse the activation norms gathered before training.
+rank; Wanda scores reuse the activation norms of one pass over the dense
+model, gathered before training (not the sequential walk of one-shot Wanda).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 * ``magnitude`` / ``wanda``: unstructured (``sparsity``, ``scope``) or N:M
   (``pattern``) masks on the blocks' linears (masks.py, magnitude.py,
-  wanda.py); optionally reached gradually during recovery on a cubic
-  schedule (schedule.py). Masks stay applied after every recovery step.
+  wanda.py: one-shot Wanda scores block by block on the pruned prefix);
+  optionally reached gradually during recovery on a cubic schedule
+  (schedule.py). Masks stay applied after every recovery step.
 * ``structured``: attention heads, FFN neurons and blocks physically removed
   (structured.py); the artifact records the module attributes to replay.
 
@@ -34,7 +35,7 @@ from slimtune.compress.prune.magnitude import magnitude_masks, magnitude_scores
 from slimtune.compress.prune.masks import Masks, apply_masks_, measure_sparsity, parse_pattern, target_linears
 from slimtune.compress.prune.schedule import GradualPruner
 from slimtune.compress.prune.structured import prune_structured_
-from slimtune.compress.prune.wanda import input_norms, wanda_masks, wanda_scores
+from slimtune.compress.prune.wanda import input_norms, wanda_scores, wanda_sequential_
 from slimtune.compress.recover import RecoverConfig, frozen_copy, recover
 
 UNSTRUCTURED_FIELDS = ("sparsity", "scope", "pattern", "include", "exclude", "schedule")
@@ -189,10 +190,10 @@ def prune_once_(model: nn.Module, config: PruneConfig, batches: list[dict] | Non
     if config.method == "wanda":
         if not batches:
             raise SlimTuneError("batches: wanda needs calibration batches", "pass a few batches of task text (Collator output)")
-        masks = wanda_masks(modules, input_norms(model, modules, batches), config.sparsity, config.pattern)
+        masks = wanda_sequential_(model, modules, batches, config.sparsity, config.pattern)
     else:
         masks = magnitude_masks(modules, config.sparsity, config.scope, config.pattern)
-    apply_masks_(model, masks)
+        apply_masks_(model, masks)
     return {**sparsity_report(model, config, masks), "masks": masks}
 
 
@@ -273,6 +274,8 @@ def gradual_pruner(ctx: StageContext, config: PruneConfig, model: nn.Module, bat
                             f"shorten the schedule (steps <= {total - s.start}) or recover for more epochs")
     modules = target_linears(model, config.include, config.exclude)
     if config.method == "wanda":
+        # One pass over the dense model, before training: masks are recomputed at every pruning step from the
+        # current weights, and walking the blocks again each time (under FSDP too) would cost a calibration per step.
         norms = input_norms(model, modules, batches)
         scorer, scope = (lambda name, w: wanda_scores(w, norms[name])), "row"
     else:

@@ -8,12 +8,24 @@ Large Language Models". Weight ``W_ij`` (output ``i``, input ``j``) scores
 where ``X_j`` is input feature ``j`` over every calibration token. Scores are
 compared within each output row (the paper's choice: each output keeps the
 same share of its inputs), or within N:M groups of a row. No weight update,
-no second-order information: one forward pass over a few calibration batches.
+no second-order information.
 
-Limits: the activation norms come from the dense model (all layers
-calibrated in one pass, not sequentially on the pruned prefix as in the
-paper's code); padding tokens are excluded; gradual pruning reuses the norms
-gathered once before training.
+Sequential, as the paper's code (``prune_wanda``) does: block ``i`` is scored
+on what the *already pruned* blocks ``0..i-1`` feed it. The calibration
+inputs of block 0 are captured once; for each block the norms of every
+targeted linear's inputs are gathered in one pass through the (still dense)
+block, the block is pruned, and the pruned block's outputs become the next
+block's inputs (:func:`slimtune.compress.quant.calibrate.walk_blocks`), so
+only one block's activations are held at a time.
+
+Limits: padding tokens are excluded. Targeted linears outside the blocks
+(``include`` globs such as ``classifier``) are scored after every block is
+pruned, in one pass over the pruned model. A weight shared by several blocks
+is scored on all its uses and pruned at its last block (the earlier blocks
+run it dense). Models whose layout :mod:`slimtune.compress.arch` does not
+know are scored in one pass over the dense model. Gradual pruning
+(``schedule``) reuses the norms of one pass over the dense model, gathered
+before training (:func:`input_norms`).
 """
 
 from __future__ import annotations
@@ -21,8 +33,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.compress import arch
 from slimtune.compress.prune.calibrate import calibrate, real_tokens
 from slimtune.compress.prune.masks import Masks, apply_masks_, full_weight, masks_from_scores, target_linears
+from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
 
 
 class InputNorms:
@@ -48,7 +62,7 @@ def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 
 
 def input_norms(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict]) -> dict[str, torch.Tensor]:
-    """``{name: (in,) input norms}`` of each module over ``batches``."""
+    """``{name: (in,) input norms}`` of each module over ``batches``, all in one pass over ``model`` as it is."""
     accumulators = {name: InputNorms(m.in_features) for name, m in modules.items()}
     calibrate(model, batches, accumulators)
     return {name: acc.finalize() for name, acc in accumulators.items()}
@@ -61,16 +75,63 @@ def wanda_masks(modules: dict[str, nn.Module], norms: dict[str, torch.Tensor], s
     return masks_from_scores(scores, sparsity, "row", pattern)
 
 
+def _prune_with_norms_(model: nn.Module, modules: dict[str, nn.Module], norms: dict[str, torch.Tensor],
+                       sparsity: float | None, pattern: str | None) -> Masks:
+    masks = wanda_masks(modules, norms, sparsity, pattern)
+    apply_masks_(model, masks)
+    return masks
+
+
+def _uses_per_block(blocks: nn.ModuleList, modules: dict[str, nn.Module]) -> list[dict[str, str]]:
+    """Per block, ``{module path inside the block: target name}`` of every module holding a targeted weight."""
+    owner = {id(m.weight): name for name, m in modules.items()}
+    return [{path: owner[id(m.weight)] for path, m in block.named_modules() if id(getattr(m, "weight", None)) in owner}
+            for block in blocks]
+
+
+def wanda_sequential_(model: nn.Module, modules: dict[str, nn.Module], batches: list[dict], sparsity: float | None = None,
+                      pattern: str | None = None) -> Masks:
+    """Prune ``modules`` of ``model`` in place, block by block on the pruned prefix's outputs; returns the masks.
+
+    Args:
+        model: the model ``modules`` belong to (names are its module names).
+        modules: ``{name: linear}`` to prune (:func:`target_linears`).
+        batches: calibration batches (Collator output; labels are ignored).
+        sparsity: fraction of each output row to prune, or
+        pattern: ``"N:M"`` instead.
+    """
+    try:
+        blocks = arch.layers(model)
+    except arch.UnknownArchitecture:
+        return _prune_with_norms_(model, modules, input_norms(model, modules, batches), sparsity, pattern)
+    uses = _uses_per_block(blocks, modules)
+    last = {name: i for i, block_uses in enumerate(uses) for name in block_uses.values()}  # the last block using each
+    accumulators = {name: InputNorms(modules[name].in_features) for name in last}
+    masks: Masks = {}
+
+    def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        if uses[i]:
+            inputs.feed(block, {path: accumulators[name] for path, name in uses[i].items()})
+        done = {name: modules[name] for name in dict.fromkeys(uses[i].values()) if last[name] == i}
+        masks.update(_prune_with_norms_(model, done, {n: accumulators[n].finalize() for n in done}, sparsity, pattern))
+
+    walk_blocks(model, batches, process_block)
+    rest = {name: m for name, m in modules.items() if name not in last}  # outside the blocks: after all of them
+    if rest:
+        masks.update(_prune_with_norms_(model, rest, input_norms(model, rest, batches), sparsity, pattern))
+    return {name: masks[name] for name in modules}
+
+
 def wanda_prune_(model: nn.Module, batches: list[dict], sparsity: float | None = None, pattern: str | None = None,
                  include: list[str] | None = None, exclude: list[str] | tuple = ()) -> Masks:
-    """Calibrate on ``batches``, then prune ``model``'s block linears by Wanda scores, in place; returns the masks.
+    """Prune ``model``'s block linears (or ``include``/``exclude`` globs) by Wanda scores, sequentially, in place.
+
+    Returns:
+        The masks, ``{module name: (out, in) bool, True = kept}``.
 
     Raises:
         ValueError: no calibration batches.
     """
     if not batches:
         raise ValueError("Wanda needs calibration batches (their input-activation norms)")
-    modules = target_linears(model, include, exclude)
-    masks = wanda_masks(modules, input_norms(model, modules, batches), sparsity, pattern)
-    apply_masks_(model, masks)
-    return masks
+    return wanda_sequential_(model, target_linears(model, include, exclude), batches, sparsity, pattern)

@@ -1,5 +1,6 @@
 """Unstructured pruning: exact sparsity (layer, global, N:M), Wanda against a reference, masks, schedule, prune_."""
 
+import copy
 import math
 
 import pytest
@@ -9,13 +10,14 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from slimtune.errors import SlimTuneError
 from slimtune.tasks import Collator
-from slimtune.compress import apply_masks_, prune_
+from slimtune.compress import apply_masks_, arch, prune_
 from slimtune.compress.prune.calibrate import calibrate
 from slimtune.compress.prune.masks import keep_largest, nm_mask, parse_pattern, target_linears
 from slimtune.compress.prune.schedule import GradualPruner, cubic_sparsity
 from slimtune.compress.prune.magnitude import magnitude_scores
-from slimtune.compress.prune.wanda import InputNorms, input_norms, wanda_scores
+from slimtune.compress.prune.wanda import InputNorms, input_norms, wanda_masks, wanda_scores
 
+from tests.compress import models
 from tests.conftest import tiny_texts
 
 
@@ -164,13 +166,78 @@ def test_wanda_scores_and_masks_match_a_reference(out_features, in_features, tok
     linear = nn.Linear(in_features, out_features, bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    from slimtune.compress.prune.wanda import wanda_masks
-
     masks = wanda_masks({"w": linear}, {"w": norms}, sparsity=0.4)
     prune = round(0.4 * in_features)
     for i in range(out_features):
         lowest = set(torch.argsort(reference[i])[:prune].tolist())
         assert {j for j in range(in_features) if not masks["w"][i, j]} == lowest
+
+
+def reference_sequential_wanda_(model, data, names, sparsity=None, pattern=None) -> dict:
+    """The paper's sequential Wanda written out plainly: for block 0, 1, ..., then the targets outside the blocks,
+    run the whole model (everything before already pruned) with hooks summing x^2 of each real token, then zero
+    the lowest |W| * ||X|| of every row (or of every N:M group) by a full sort."""
+    linears = {n: model.get_submodule(n) for n in names}
+    groups = [[n for n, m in linears.items() if any(m is b for b in block.modules())] for block in arch.layers(model)]
+    groups.append([n for n in names if not any(n in g for g in groups)])
+    masks = {}
+    for group in groups:
+        sums = {n: torch.zeros(linears[n].in_features, dtype=torch.float64) for n in group}
+        current = {}
+
+        def hook(module, args, name):
+            x = args[0][current["mask"]] if args[0].dim() == 3 else args[0]  # (N, in) real tokens
+            sums[name].add_(x.double().square().sum(0))
+
+        handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: hook(m, a, n)) for n in group]
+        with torch.no_grad():
+            for b in data:
+                current["mask"] = b["attention_mask"].bool()
+                model(**{k: v for k, v in b.items() if k != "labels"})
+        for h in handles:
+            h.remove()
+        for n in group:
+            w = linears[n].weight.data
+            keep, size = (parse_pattern(pattern)[0], parse_pattern(pattern)[1]) if pattern else (None, w.shape[1])
+            drop = size - keep if pattern else round(sparsity * size)
+            scores = (w.abs() * sums[n].sqrt().float()[None, :]).reshape(w.shape[0], -1, size)  # (out, groups, size)
+            order = torch.argsort(scores, dim=-1)
+            mask = torch.ones_like(scores, dtype=torch.bool).scatter_(-1, order[..., :drop], False).reshape(w.shape)
+            w.mul_(mask)
+            masks[n] = mask
+    return masks
+
+
+SEQUENTIAL_CASES = [("bert", {"sparsity": 0.5}, None), ("llama", {"sparsity": 0.3}, None), ("llama", {"pattern": "2:4"}, None),
+                    ("bert", {"sparsity": 0.5}, ["*.attention.self.value", "*.output.dense", "classifier"])]
+
+
+@pytest.mark.parametrize("kind, target, include", SEQUENTIAL_CASES)
+def test_wanda_scores_each_block_on_the_pruned_blocks_before_it(kind, target, include, tiny_bert):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = getattr(models, kind)(layers=3)
+    data = batches(tokenizer, "causal-lm" if kind == "llama" else "classification")
+    names = list(target_linears(model, include))
+    dense, reference = copy.deepcopy(model), copy.deepcopy(model)
+    masks = prune_(model, method="wanda", batches=data, include=include, **target)["masks"]
+    expected = reference_sequential_wanda_(reference, data, names, **target)
+    assert list(masks) == names
+    for name in names:
+        # Both compute the same fp32 block outputs on the same tokens; a mask could differ only on a score tie at
+        # the threshold within float roundoff, which random weights do not produce: the masks must be equal.
+        assert torch.equal(masks[name], expected[name]), name
+        assert torch.equal(model.get_submodule(name).weight, reference.get_submodule(name).weight), name
+        per_row = (~masks[name]).sum(1)
+        if "sparsity" in target:
+            assert torch.equal(per_row, torch.full_like(per_row, round(target["sparsity"] * masks[name].shape[1]))), name
+        else:
+            check_groups(model.get_submodule(name).weight, 2, 4)
+    # The one-pass version (every norm from the dense model) agrees on block 0 only, so this test can tell them apart.
+    modules = {n: dense.get_submodule(n) for n in names}
+    one_pass = wanda_masks(modules, input_norms(dense, modules, data), target.get("sparsity"), target.get("pattern"))
+    first = [n for n in names if any(modules[n] is m for m in arch.layers(dense)[0].modules())]
+    assert first and all(torch.equal(one_pass[n], masks[n]) for n in first)
+    assert any(not torch.equal(one_pass[n], masks[n]) for n in names if n not in first)
 
 
 def test_calibration_hooks_see_the_real_tokens_of_the_first_layer_input(request):
