@@ -12,14 +12,24 @@ Three methods, each giving one score per unit (higher = keep):
   or of a neuron's absolute activation (the input of the FFN output).
 * ``gradient`` - Michel, Levy & Neubig (2019), "Are Sixteen Heads Really
   Better than One?": a gate ``xi`` of ones multiplies each unit's output and
-  ``I = sum_batches |dL/dxi|``. Michel et al. take the absolute value per
-  example; we take it per calibration batch (one backward per batch). Neurons
-  get the same gate on their activation (a first-order Taylor score).
+  ``I = sum_examples |dL_x/dxi|``, the absolute value taken per example (so
+  examples pulling a gate in opposite directions do not cancel, as they would
+  in ``|dL_batch/dxi|``). ``L_x`` is example ``x``'s summed loss: its
+  cross-entropy (classification), the sum of its tokens' negative
+  log-likelihoods (causal LM). One backward per batch gives every example's
+  gradient: the gate has a batch dimension, ``xi`` of shape ``(B, units)``
+  with row ``b`` gating example ``b`` only, and the loss differentiated is the
+  batch's summed loss ``loss * n``, whose gradient in row ``b`` is
+  ``dL_b/dxi_b`` because examples do not interact in a transformer. (A loss
+  coupling the examples of a batch, such as the contrastive loss of embedding
+  tasks, gets the gradient through each example's own activations.) Neurons
+  get the same gate on their activation (a first-order Taylor score,
+  Molchanov et al., 2019).
 
 Layers (whole blocks): ``activation`` is the block influence of ShortGPT (Men
 et al., 2024), ``mean_tokens(1 - cos(x_in, x_out))`` over the block's input and
 output hidden states; ``gradient`` gates the block's residual update,
-``x_in + xi (x_out - x_in)``, and scores ``sum_batches |dL/dxi|`` as for heads.
+``x_in + xi (x_out - x_in)``, and scores ``sum_examples |dL_x/dxi|`` as for heads.
 ``weight`` has no layer score (callers must name the layers instead).
 
 Gates and recorders are forward (pre-)hooks, removed when scoring ends; the
@@ -132,21 +142,21 @@ def _replace_block_output(output, x_out: torch.Tensor):
 
 
 def _head_gate(gate: torch.Tensor, head_dim: int):
-    def hook(module, args):  # input of o: (B, T, heads*head_dim)
-        return (args[0] * gate.to(args[0].dtype).repeat_interleave(head_dim), *args[1:])
+    def hook(module, args):  # input of o: (B, T, heads*head_dim); gate (B, heads)
+        return (args[0] * gate.to(args[0].dtype).repeat_interleave(head_dim, dim=1)[:, None, :], *args[1:])
     return hook
 
 
 def _neuron_gate(gate: torch.Tensor):
-    def hook(module, args):  # input of the FFN output: (B, T, neurons)
-        return (args[0] * gate.to(args[0].dtype), *args[1:])
+    def hook(module, args):  # input of the FFN output: (B, T, neurons); gate (B, neurons)
+        return (args[0] * gate.to(args[0].dtype)[:, None, :], *args[1:])
     return hook
 
 
 def _layer_gate(gate: torch.Tensor):
-    def hook(module, args, kwargs, output):
+    def hook(module, args, kwargs, output):  # hidden states (B, T, hidden); gate (B,)
         x_in, x_out = _block_io(args, kwargs, output)
-        return _replace_block_output(output, x_in + gate.to(x_out.dtype) * (x_out - x_in))
+        return _replace_block_output(output, x_in + gate.to(x_out.dtype)[:, None, None] * (x_out - x_in))
     return hook
 
 
@@ -239,35 +249,50 @@ def activation_scores(model: nn.Module, batches: list[dict], heads: bool = True,
     return scores
 
 
-def gradient_scores(model: nn.Module, batches: list[dict], loss_fn: Callable, heads: bool = True,
-                    neurons: bool = True, layers: bool = False) -> Scores:
-    """Michel et al. (2019) gate gradients ``sum_batches |dL/dxi|`` of heads, neurons and block updates.
-
-    ``loss_fn(model, batch) -> (loss, n)`` as the task kinds' ``loss``.
-    """
-    n, device = arch.num_layers(model), next(model.parameters()).device
+def _add_gates(model: nn.Module, examples: int, heads: bool, neurons: bool, layers: bool,
+               device: torch.device) -> tuple[dict[str, list[torch.Tensor]], list]:
+    """Per-example gates of ones on every asked-for unit: ``{kind: per block (examples, units)}`` and the hook handles."""
+    n = arch.num_layers(model)
     gates: dict[str, list[torch.Tensor]] = {}
     handles = []
+
+    def ones(*shape):
+        return torch.ones(examples, *shape, device=device, requires_grad=True)
+
     if heads:
         atts = [arch.attention(model, i) for i in range(n)]
-        gates["heads"] = [torch.ones(a.heads, device=device, requires_grad=True) for a in atts]
+        gates["heads"] = [ones(a.heads) for a in atts]
         handles += [a.o.register_forward_pre_hook(_head_gate(g, a.head_dim)) for a, g in zip(atts, gates["heads"])]
     if neurons:
         outs = [arch.ffn(model, i).output for i in range(n)]
-        gates["neurons"] = [torch.ones(o.in_features, device=device, requires_grad=True) for o in outs]
+        gates["neurons"] = [ones(o.in_features) for o in outs]
         handles += [o.register_forward_pre_hook(_neuron_gate(g)) for o, g in zip(outs, gates["neurons"])]
     if layers:
-        gates["layers"] = [torch.ones((), device=device, requires_grad=True) for _ in range(n)]
+        gates["layers"] = [ones() for _ in range(n)]
         handles += [b.register_forward_hook(_layer_gate(g), with_kwargs=True) for b, g in zip(arch.layers(model), gates["layers"])]
-    totals = {kind: [torch.zeros_like(g) for g in gs] for kind, gs in gates.items()}
-    flat = [g for gs in gates.values() for g in gs]
-    with _hooks(handles), _scoring_mode(model), torch.enable_grad():
+    return gates, handles
+
+
+def gradient_scores(model: nn.Module, batches: list[dict], loss_fn: Callable, heads: bool = True,
+                    neurons: bool = True, layers: bool = False) -> Scores:
+    """Michel et al. (2019) gate gradients ``sum_examples |dL_x/dxi|`` of heads, neurons and block updates.
+
+    ``loss_fn(model, batch) -> (loss, n)`` as the task kinds' ``loss`` (the mean over ``n`` examples or tokens;
+    ``loss * n`` is the batch's summed loss). One backward per batch (module docstring).
+    """
+    device = next(model.parameters()).device
+    totals: dict[str, list[torch.Tensor]] = {}
+    with _scoring_mode(model), torch.enable_grad():
         for batch in batches:
-            loss, _ = loss_fn(model, _to_device(batch, device))
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            batch = _to_device(batch, device)
+            gates, handles = _add_gates(model, len(batch["input_ids"]), heads, neurons, layers, device)
+            with _hooks(handles):
+                loss, count = loss_fn(model, batch)
+                grads = torch.autograd.grad(loss * count, [g for gs in gates.values() for g in gs], allow_unused=True)
+            totals = totals or {kind: [torch.zeros_like(g[0]) for g in gs] for kind, gs in gates.items()}
             for total, grad in zip((t for ts in totals.values() for t in ts), grads):
                 if grad is not None:
-                    total += grad.abs()
+                    total += grad.abs().sum(0)  # (B, units) -> (units,): |per-example gradient|, summed
     scores = Scores(**{kind: [t.cpu() for t in ts] for kind, ts in totals.items() if kind != "layers"})
     if layers:
         scores.layers = torch.stack(totals["layers"]).cpu()

@@ -279,3 +279,84 @@ def test_unknown_architecture_is_refused():
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20))
     with pytest.raises(arch.UnknownArchitecture, match="gpt2"):
         prune_structured_(model, heads=0.5, importance="weight")
+
+
+# ---------------------------------------------------------------- gradient importance, per example
+
+
+def unit_gates(model, examples=None):
+    """Gates of ones on every head (input of o), neuron (input of the FFN output) and block update, written
+    independently of importance.py: shape (units,) shared by the whole batch. Returns ({kind: [per block]}, handles)."""
+    n = arch.num_layers(model)
+    atts, outs = [arch.attention(model, i) for i in range(n)], [arch.ffn(model, i).output for i in range(n)]
+    gates = {"heads": [torch.ones(a.heads, requires_grad=True) for a in atts],
+             "neurons": [torch.ones(o.in_features, requires_grad=True) for o in outs],
+             "layers": [torch.ones((), requires_grad=True) for _ in range(n)]}
+    handles = [a.o.register_forward_pre_hook(lambda m, args, g=g, d=a.head_dim: (args[0] * torch.repeat_interleave(g, d),))
+               for a, g in zip(atts, gates["heads"])]
+    handles += [o.register_forward_pre_hook(lambda m, args, g=g: (args[0] * g,)) for o, g in zip(outs, gates["neurons"])]
+
+    def block_hook(g):
+        def hook(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, tuple) else output
+            new = x_in + g * (x_out - x_in)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    handles += [b.register_forward_hook(block_hook(g), with_kwargs=True) for b, g in zip(arch.layers(model), gates["layers"])]
+    return gates, handles
+
+
+def summed_loss_gate_grads(model, batch, kind) -> dict[str, list[torch.Tensor]]:
+    """d(summed loss of ``batch``)/d(gate) for every unit-gate: the example's own gradient when the batch has one row."""
+    gates, handles = unit_gates(model)
+    try:
+        loss, n = loss_fn(kind)(model, batch)
+        flat = [g for gs in gates.values() for g in gs]
+        grads = iter(torch.autograd.grad(loss * n, flat))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: [next(grads) for _ in gs] for k, gs in gates.items()}
+
+
+def stack(scores: imp.Scores) -> torch.Tensor:
+    return torch.cat([*scores.heads, *scores.neurons, scores.layers.reshape(-1)])
+
+
+@pytest.mark.parametrize("family, kind", [("bert", "classification"), ("llama", "causal-lm")])
+def test_gradient_importance_equals_a_loop_over_single_examples(family, kind, tokenizer, request):
+    model = request.getfixturevalue(family)
+    data = batches(tokenizer, kind, n=2, size=3)
+    scores = imp.gradient_scores(model, data, loss_fn(kind), layers=True)
+    expected = None
+    for batch in data:
+        for b in range(len(batch["input_ids"])):
+            one = {k: v[b:b + 1] for k, v in batch.items()}  # same padding columns, so the same tokens are seen
+            grads = summed_loss_gate_grads(model, one, kind)
+            expected = {k: [g.abs() for g in gs] if expected is None else [e + g.abs() for e, g in zip(expected[k], gs)]
+                        for k, gs in grads.items()}
+    reference = torch.cat([*expected["heads"], *expected["neurons"], torch.stack(expected["layers"])])
+    # fp32 throughout; the batched and the one-example runs differ only in GEMM shapes (summation order), ~1e-6
+    # relative per op through two tiny blocks and their backward. Summed |grad|s are positive (no cancellation in
+    # the final sum), so 1e-4 relative holds with room; atol covers units whose gradient is ~0 against the largest.
+    torch.testing.assert_close(stack(scores), reference, rtol=1e-4, atol=1e-5 * float(reference.max()))
+
+
+def test_gradient_importance_does_not_let_opposite_examples_cancel(bert, tokenizer):
+    """One input twice, labelled 0 and 1. For two-class cross-entropy the two examples' gate gradients are
+    p1 * (J1 - J0) and -p0 * (J1 - J0) (J_c = d logit_c / d gate), so per example the scores are
+    (p0 + p1) |J1 - J0| = |J1 - J0|, while the per-batch |sum| is |p1 - p0| times that: nearly cancelled."""
+    one = batches(tokenizer, "classification", n=1, size=1)[0]
+    pair = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in one.items()}
+    pair["labels"] = torch.tensor([0, 1])
+    scores = stack(imp.gradient_scores(bert, [pair], loss_fn("classification"), layers=True))
+    per_batch = summed_loss_gate_grads(bert, pair, "classification")
+    per_batch = torch.cat([*per_batch["heads"], *per_batch["neurons"], torch.stack(per_batch["layers"])]).abs()
+    p = torch.softmax(logits(bert, one)[0], -1)
+    gap = float((p[1] - p[0]).abs())
+    assert gap < 0.5  # the untrained classifier is unsure, so the per-batch score loses over half of every unit's score
+    # fp32 roundoff as in the loop test above; the identity is exact in real arithmetic.
+    torch.testing.assert_close(per_batch, gap * scores, rtol=1e-4, atol=1e-5 * float(scores.max()))
+    assert (scores > 0).all() and (per_batch < 0.5 * scores).all()
