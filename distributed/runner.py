@@ -32,13 +32,13 @@ import torch.distributed as dist
 import yaml
 from transformers import AutoConfig
 
-from slimtune.artifact import META_FILE, METRICS_FILE, Artifact, file_sha256, load, read_meta, read_metrics, replace_dir, write_json
+from slimtune.artifact import META_FILE, METRICS_FILE, Artifact, file_sha256, load, read_meta, read_metrics, replace_dir, verify, write_json
 from slimtune.data import load_task_data
 from slimtune.models import load_pretrained, resolve_model_dir
 from slimtune.distributed import launch
 from slimtune.distributed.strategy import SingleDevice, build_strategy
 from slimtune.distributed.trainer import seed_everything
-from slimtune.errors import RecipeError, RunFailed
+from slimtune.errors import ArtifactError, RecipeError, RunFailed
 from slimtune.progress import quiet
 from slimtune.recipe import Recipe, content_key, load_recipe
 from slimtune.registry import get_stage
@@ -149,14 +149,16 @@ def _execute(recipe: Recipe, labels: list | None, run_dir: Path, fresh: bool, de
 def _stages(recipe: Recipe, labels, run_dir: Path, fresh: bool, strategy, distributed: bool) -> RunResult:
     key, artifact, records = recipe.root_key(), None, []
     prev_path: Path | None = None
+    redo = fresh  # once a stage is recomputed, every later stage is too: its input changed
     for i, spec in enumerate(recipe.stages, start=1):
         key = content_key([key, spec.name, spec.resolved()])
         path = run_dir / f"{i:02d}-{spec.name}"
-        if not fresh and _finished(path, key):
+        if not redo and _finished(path, key, labels, warn=strategy.is_main):
             log.info("stage %02d %s: reusing %s", i, spec.name, path)
             records.append(StageRecord(i, spec.name, path, key, True, read_metrics(path)))
             artifact, prev_path = None, path
             continue
+        redo = True
         stage = get_stage(spec.name)()
         if getattr(stage, "main_process_only", False) and not strategy.is_main:
             launch.barrier()  # rank 0 runs it
@@ -250,8 +252,7 @@ def _run_stage(recipe: Recipe, spec, stage, artifact: Artifact, path: Path, key:
             out.write_into(tmp)
         else:
             _link_weights(input_path, tmp)
-            out.lineage[-1]["sha256"] = out.lineage[-2].get("sha256")
-            write_json(tmp / META_FILE, out.meta())
+            out.write_meta(tmp)  # the manifest covers the linked files too
         write_json(tmp / METRICS_FILE, metrics)
         replace_dir(tmp, path)
     except BaseException:
@@ -278,11 +279,30 @@ def _link_weights(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _finished(path: Path, key: str) -> bool:
+def _finished(path: Path, key: str, labels: Any = ..., warn: bool = True) -> bool:
+    """A finished stage with this key, made for these labels (``...``: any), whose files are intact.
+
+    A damaged stage (a file missing, truncated or altered, see
+    :func:`slimtune.artifact.verify`) or one made for other labels is not
+    finished: it is recomputed, with a warning saying why.
+    """
     if not (path / META_FILE).is_file():
         return False
-    lineage = read_meta(path).get("lineage", [])
-    return bool(lineage) and lineage[-1].get("key") == key
+    try:
+        meta = read_meta(path)
+        lineage = meta.get("lineage", [])
+        if not lineage or lineage[-1].get("key") != key:
+            return False
+        verify(path, meta)
+    except ArtifactError as err:
+        reason = err.message
+    else:
+        if labels is ... or meta.get("labels") == labels:
+            return True
+        reason = f"{path} was made for labels {meta.get('labels')}, the data now has {labels}"
+    if warn:
+        log.warning("warning: %s; recomputing stage %s and every stage after it", reason, path.name)
+    return False
 
 
 def _write_recipe(run_dir: Path, recipe: Recipe) -> None:

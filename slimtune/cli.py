@@ -192,11 +192,12 @@ def cmd_latency(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from slimtune.artifact import read_meta, read_metrics
+    from slimtune.artifact import read_meta, read_metrics, verify
     from slimtune.eval.report import info_text
 
     path = Path(args.artifact)
     meta = read_meta(path)
+    verify(path, meta)
     if args.json:
         print(json.dumps({"meta": meta, "metrics": read_metrics(path)}, indent=2))
     else:
