@@ -104,6 +104,9 @@ def keep_largest(scores: torch.Tensor, keep: int) -> torch.Tensor:
     if keep <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     threshold = scores.kthvalue(n - keep + 1, dim=-1, keepdim=True).values  # (..., 1): the keep-th largest
+    at_least = scores >= threshold
+    if bool((torch.count_nonzero(at_least, dim=-1) == keep).all()):  # no tie to break: two passes, not six
+        return at_least
     above = scores > threshold
     missing = keep - above.sum(-1, keepdim=True)  # (..., 1) ties still to keep
     tied = scores == threshold

@@ -61,6 +61,18 @@ def test_keep_largest_is_exact_and_breaks_ties_by_position():
     assert keep_largest(scores, 0).sum() == 0 and keep_largest(scores, 5).all()
 
 
+@pytest.mark.parametrize("shape, levels", [((1, 1), 0), ((3, 17), 0), ((2, 64), 3), ((1, 1000), 7), ((4, 9), 1)])
+def test_keep_largest_equals_a_stable_sort(shape, levels):
+    """Against a stable descending sort (equal scores keep their order, so the lower index wins), with and
+    without ties (``levels`` > 0 draws scores from that many values)."""
+    g = torch.Generator().manual_seed(shape[1] + levels)
+    scores = torch.randint(0, levels, shape, generator=g).float() if levels else torch.randn(shape, generator=g)
+    for keep in {0, 1, shape[1] // 3, shape[1] // 2, shape[1] - 1, shape[1]}:
+        order = torch.sort(-scores, dim=-1, stable=True).indices[..., :keep]
+        expected = torch.zeros(shape, dtype=torch.bool).scatter_(-1, order, True)
+        assert torch.equal(keep_largest(scores, keep), expected), keep
+
+
 @pytest.mark.parametrize("pattern", ["4:2", "2:2", "0:4", "2-4", "a:b", ""])
 def test_bad_patterns_are_refused(pattern):
     with pytest.raises(ValueError, match="N:M|N=|N < M"):
