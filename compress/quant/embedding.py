@@ -1,7 +1,8 @@
 """Row-wise INT8/INT4 quantization of the word embedding, for size.
 
 Each row of the ``(V, H)`` table is quantized symmetrically with its own
-scale (``scale = max|row| / qmax``), which is exactly the per-output-channel
+scale (``max|row| / 127`` for 8 bits; the full grid ``2 max|row| / 15`` over
+codes -8..7 for 4 bits, see rtn.py), which is exactly the per-output-channel
 format of a ``QuantLinear`` over a ``(V, H)`` weight (reference.py, format v1):
 ``bits=8`` stores int8 codes ``(V, H)``, ``bits=4`` uint8 ``(V, ceil(H/2))``
 packed along H (even h in the low nibble, implicit zero point 8), with float32

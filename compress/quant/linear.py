@@ -65,13 +65,13 @@ class QuantLinear(PackedModule):
         in_features, out_features: as ``nn.Linear``.
         bits: 4 or 8.
         group_size: inputs per scale (the last group may be shorter), or None for per output channel.
-        symmetric: no stored zero points.
+        symmetric: no stored zero points; None: the default of ``bits`` (asymmetric 4-bit, symmetric 8-bit).
         bias: keep a float bias (trainable, e.g. for BitFit).
         act_bits: 8 for W8A8 (dynamic per-token INT8 activations; 8-bit weights only), else None.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = 128,
-                 symmetric: bool = True, bias: bool = True, act_bits: int | None = None, dtype: torch.dtype = torch.float32):
+                 symmetric: bool | None = None, bias: bool = True, act_bits: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scheme = QuantScheme(bits, group_size, symmetric)
@@ -81,7 +81,7 @@ class QuantLinear(PackedModule):
         self.register_buffer("qweight", torch.zeros(out_features, packed_k, dtype=torch.uint8 if bits == 4 else torch.int8))
         groups = num_groups(in_features, g)
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32))
-        self.register_buffer("zeros", None if symmetric else torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.register_buffer("zeros", None if self.scheme.symmetric else torch.zeros(out_features, groups, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @property

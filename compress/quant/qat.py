@@ -22,8 +22,9 @@ Limits:
     * The scales are not learned (unlike LSQ / PACT); they follow the weight's
       range, so they change whenever an extreme weight moves.
     * The STE passes gradients through clipping too; with range-derived scales
-      nothing is clipped for symmetric codes, but an asymmetric zero point that
-      was rounded can clip a group's extreme value by up to one step.
+      a symmetric 4-bit group's largest positive weight (7.5 steps on the full
+      grid) is clipped to code 7, half a step, and an asymmetric zero point
+      that was rounded can clip a group's extreme value by up to one step.
     * Wrapping never caches weights: under FSDP2 the forward reads
       ``base_layer.weight`` as the plain tensor ``fully_shard`` unsharded for
       it. :func:`convert_qat_` needs the full (unsharded) weights.

@@ -3,9 +3,17 @@
 
 The scheme (``QuantScheme``): ``bits`` 4 or 8; ``group_size`` (a divisor of K)
 or ``None`` for one group per output channel (a group size that does not
-divide K leaves a shorter last group); symmetric codes (scale =
-max|w| / qmax, implicit zero point) or asymmetric ones (scale = (max - min) /
-(2^bits - 1), rounded integer zero point). 8-bit is symmetric per channel.
+divide K leaves a shorter last group); asymmetric codes (scale = (max - min)
+/ (2^bits - 1) over a range that includes 0, rounded integer zero point; the
+4-bit default, as in GPTQ's and AWQ's reference code) or symmetric ones
+(implicit zero point). Symmetric 4-bit uses the full grid of GPTQ's reference
+quantizer: scale = 2 max|w| / 15 and signed codes -8..7 (stored as 0..15 with
+zero point 8), so all 16 levels are used; ``max|w| / 7`` would leave code -8
+unused and make every step 15/14 wider (the squared error (15/14)^2 = 1.15x
+larger). The most positive weight of a group, 7.5 steps, lands on code 7,
+half a step away, like any other weight. 8-bit is symmetric per channel with
+codes -127..127 (scale = max|w| / 127; the format and W8A8's exactness
+argument use that range).
 
 These pure tensor functions are shared by RTN itself, GPTQ and AWQ (which
 choose the values being rounded and the scales differently) and by QAT's fake
@@ -33,14 +41,17 @@ class QuantScheme:
     Attributes:
         bits: 4 or 8.
         group_size: 32, 64 or 128 (a divisor of in_features), or None for per output channel.
-        symmetric: symmetric codes (no stored zero points).
+        symmetric: symmetric codes (no stored zero points); None takes the default
+            of ``bits``: asymmetric for 4 bits, symmetric for 8.
     """
 
     bits: int = 4
     group_size: int | None = 128
-    symmetric: bool = True
+    symmetric: bool | None = None
 
     def __post_init__(self):
+        if self.symmetric is None:
+            object.__setattr__(self, "symmetric", default_symmetric(self.bits))
         if self.bits not in SUPPORTED_BITS:
             raise SlimTuneError(f"bits={self.bits} is not supported", f"use one of {SUPPORTED_BITS}")
         if self.group_size is not None and self.group_size not in GROUP_SIZES:
@@ -57,9 +68,14 @@ class QuantScheme:
         return k if self.group_size is None else self.group_size
 
 
-def qmax(bits: int) -> int:
-    """Largest symmetric magnitude: 7 for 4 bits, 127 for 8 bits."""
-    return 2 ** (bits - 1) - 1
+def default_symmetric(bits: int) -> bool:
+    """Symmetric codes by default only for 8 bits (4 bits: asymmetric, with zero points)."""
+    return bits == 8
+
+
+def symmetric_steps(bits: int) -> float:
+    """Steps from 0 to the largest magnitude of a symmetric group: 7.5 for 4 bits (full grid), 127 for 8 bits."""
+    return 7.5 if bits == 4 else 127.0
 
 
 def group_params(w: torch.Tensor, scheme: QuantScheme, group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -77,7 +93,7 @@ def group_params(w: torch.Tensor, scheme: QuantScheme, group_size: int) -> tuple
     # Zero padding of a short last group changes neither max |w| nor a range that includes 0.
     wg = torch.nn.functional.pad(w.float(), (0, g * group_size - k)).reshape(n, g, group_size)  # (N, G, g)
     if scheme.symmetric:
-        scales = wg.abs().amax(-1).clamp(min=1e-8) / qmax(scheme.bits)  # (N, G)
+        scales = wg.abs().amax(-1).clamp(min=1e-8) / symmetric_steps(scheme.bits)  # (N, G)
         return scales, None
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)  # the range includes 0
     levels = 2 ** scheme.bits - 1

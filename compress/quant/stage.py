@@ -58,7 +58,8 @@ class QuantizeConfig(Strict):
     bits: int = Field(4, description="weight bits: 4 or 8")
     group_size: int | Literal["channel"] | None = Field(
         None, description="32, 64 or 128 inputs per scale, or channel (one scale per output channel); default 128 for 4 bits, channel for 8")
-    symmetric: bool = Field(True, description="symmetric codes (no zero points)")
+    symmetric: bool | None = Field(None, description="symmetric codes (no zero points); default: false for 4 bits "
+                                   "(min/max per group, uint8 zero points), true for 8 bits")
     activations: Literal[8] | None = Field(None, description="8: W8A8 with dynamic per-token INT8 activations")
     include: list[str] | None = Field(None, description="globs or re:regexes over module names, chosen among all linears")
     exclude: list[str] = Field(default_factory=list, description="globs or re:regexes of linears to keep in float")
@@ -88,12 +89,13 @@ class QuantizeConfig(Strict):
         """The scheme of the stage, or of a module the ``override`` matches.
 
         An override that changes ``bits`` takes the defaults of its bits for
-        the fields it leaves out (8 bits: per channel, symmetric).
+        the fields it leaves out (8 bits: per channel, symmetric; 4 bits:
+        groups of 128, asymmetric).
         """
         bits, group_size, symmetric = self.bits, self.group_size, self.symmetric
         if override is not None:
             if override.bits is not None and override.bits != bits:
-                bits, group_size, symmetric = override.bits, None, True if override.bits == 8 else symmetric
+                bits, group_size, symmetric = override.bits, None, None
             group_size = override.group_size if override.group_size is not None else group_size
             symmetric = override.symmetric if override.symmetric is not None else symmetric
         if group_size is None:

@@ -38,7 +38,8 @@ def test_quantize_dequantize_error_is_within_half_a_step_per_row(bits, h):
     error = (quant.dequantized_weight() - w).abs()  # (V, H)
     assert (error <= quant.scales / 2 + 1e-6).all()
     assert sqnr_db(w, quant.dequantized_weight()) > (15 if bits == 4 else 38)
-    torch.testing.assert_close(quant.scales.squeeze(1), w.abs().amax(1) / (7 if bits == 4 else 127))
+    # 4 bits: the full symmetric grid, codes -8..7 around the implicit zero point 8 (scale 2 max / 15)
+    assert torch.equal(quant.scales.squeeze(1), w.abs().amax(1) * 2 / 15 if bits == 4 else w.abs().amax(1) / 127)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

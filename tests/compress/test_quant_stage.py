@@ -38,12 +38,15 @@ def test_default_choice_is_the_blocks_linears_and_patterns_refine_it():
 
 
 def test_overrides_change_the_scheme_of_matching_modules_first_match_wins():
-    config = QuantizeConfig(group_size=32, overrides={"*.down_proj": {"bits": 8}, "*.mlp.*": {"symmetric": False}})
+    config = QuantizeConfig(group_size=32, overrides={"*.down_proj": {"bits": 8}, "*.mlp.*": {"symmetric": True}})
     schemes = select_schemes(llama(layers=1), config)
     down, up, q = (schemes[f"model.layers.0.{p}"] for p in ("mlp.down_proj", "mlp.up_proj", "self_attn.q_proj"))
-    assert (down.bits, down.group_size, down.symmetric) == (8, None, True)  # new bits: its default group size
-    assert (up.bits, up.group_size, up.symmetric) == (4, 32, False)
-    assert (q.bits, q.group_size, q.symmetric) == (4, 32, True)
+    assert (down.bits, down.group_size, down.symmetric) == (8, None, True)  # new bits: its default group size and symmetry
+    assert (up.bits, up.group_size, up.symmetric) == (4, 32, True)
+    assert (q.bits, q.group_size, q.symmetric) == (4, 32, False)  # 4-bit default: asymmetric
+    schemes = select_schemes(llama(layers=1), QuantizeConfig(bits=8, overrides={"*.up_proj": {"bits": 4}}))
+    up = schemes["model.layers.0.mlp.up_proj"]
+    assert (up.bits, up.group_size, up.symmetric) == (4, 128, False)
 
 
 @pytest.mark.parametrize("fields, min_db", [
@@ -103,7 +106,7 @@ def test_recipe_quantizes_and_evaluates_and_info_shows_it(write_recipe, tmp_path
     assert len(quantized_names(art.model)) == 10 and art.compression["quantize"]["method"] == "rtn"
     code, out, err = cli(capsys, "info", quantized.path)
     assert code == 0, err
-    assert "module swaps" in out and "4-bit group 32 symmetric (rtn): 10 modules" in out
+    assert "module swaps" in out and "4-bit group 32 asymmetric (rtn): 10 modules" in out
 
 
 def test_python_verb_errors_name_the_problem():
