@@ -2,7 +2,8 @@
 
 Distillation (students from a subset of the teacher's layers), structured
 pruning (heads, FFN neurons, layers), parameter sharing (groups of layers)
-and AWQ quantization (which linears share an input, :func:`input_groups`)
+and AWQ and GPTQ quantization (which linears share an input, in which order:
+:func:`input_groups`)
 all ask this module where the blocks, the attention projections and the FFN
 projections of a model are, and how to rewrite its config after surgery. No
 algorithm branches on ``model_type`` itself.
@@ -290,6 +291,10 @@ class InputGroup:
 
 def input_groups(model: nn.Module, index: int) -> list[InputGroup]:
     """The groups of linears of block ``index`` that share an input, for AWQ-style scaling.
+
+    Groups come in the order the block computes them (q/k/v, o, the FFN
+    inputs, the FFN output), so each group's input depends only on groups
+    before it: GPTQ's true-sequential mode quantizes them in this order.
 
     Llama family (pre-LN): ``input_layernorm`` -> q/k/v; ``post_attention_layernorm``
     -> gate/up; ``up_proj`` -> down (its input is ``act(gate) * up``); ``v_proj``

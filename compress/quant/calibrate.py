@@ -40,6 +40,10 @@ class _InputsCaptured(Exception):
     """Raised by the pre-hook on block 0 to stop the model once its inputs are recorded."""
 
 
+class _BlockFed(Exception):
+    """Raised by a feeding hook once every accumulator has this batch's input: the rest of the block is not needed."""
+
+
 @dataclass
 class BlockInputs:
     """The captured inputs of one transformer block for every calibration batch.
@@ -63,13 +67,22 @@ class BlockInputs:
 
     @torch.no_grad()
     def feed(self, block: nn.Module, accumulators: dict[str, Accumulator]) -> None:
-        """Run the block; the input of each named submodule (name relative to the block) goes to its accumulator."""
-        state: dict[str, torch.Tensor | None] = {"mask": None}
-        handles = [block.get_submodule(name).register_forward_hook(_feed(acc, state)) for name, acc in accumulators.items()]
+        """Run the block; the input of each named submodule (name relative to the block) goes to its accumulator.
+
+        Each named submodule is called once per block forward (true of the
+        linears of :mod:`slimtune.compress.arch`'s families); the forward
+        stops as soon as all of them have had their input, so feeding the
+        first linears of a block costs only the part of the block before them.
+        """
+        state: dict = {"mask": None, "pending": set()}
+        handles = [block.get_submodule(name).register_forward_hook(_feed(acc, state, name)) for name, acc in accumulators.items()]
         try:
             for h, a, kw, mask in zip(self.hidden, self.args, self.kwargs, self.token_masks):
-                state["mask"] = mask
-                block(h, *a, **kw)
+                state["mask"], state["pending"] = mask, set(accumulators)
+                try:
+                    block(h, *a, **kw)
+                except _BlockFed:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
@@ -167,8 +180,11 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def _feed(acc: Accumulator, state: dict) -> Callable:
+def _feed(acc: Accumulator, state: dict, name: str) -> Callable:
     def hook(module, args, output):
         acc.add_batch(args[0].detach(), state["mask"])
+        state["pending"].discard(name)
+        if not state["pending"]:
+            raise _BlockFed
 
     return hook

@@ -25,13 +25,22 @@ github.com/IST-DASLab/gptq):
 Output: the packed format of :mod:`slimtune.compress.kernels.reference`
 (``qweight``/``scales``/``zeros``) behind a :class:`QuantLinear` swap.
 
-Limits: every listed linear of a block is calibrated on the block's inputs at
-once (the block's float linears feed one another; no "true sequential" order
-inside a block); blocks are sequential (:mod:`slimtune.compress.quant.calibrate`).
-Linears outside the transformer blocks (``lm_head``, a classifier) have no
-captured inputs and get round-to-nearest. Weights shared between linears
-(cross-layer sharing) are refused. ``H`` is ``K x K`` float32 on the layer's
-device, one per listed linear of the current block.
+Calibration is sequential across and inside blocks, as the reference's
+``--true-sequential``: block ``i`` sees the outputs of the already quantized
+blocks before it (:mod:`slimtune.compress.quant.calibrate`), and inside a
+block the linears are quantized group by group in the order the block
+computes them (:func:`slimtune.compress.arch.input_groups`: q/k/v, then o on
+the output of the quantized q/k/v, then the FFN inputs, then the FFN output
+on the quantized MLP's activations). The linears of a group read the same
+input, so they share one Hessian. Listed linears of a block that no group
+names are quantized last, on the otherwise quantized block.
+
+Limits: linears outside the transformer blocks (``lm_head``, a classifier)
+have no captured inputs and get round-to-nearest. Weights shared between
+linears (cross-layer sharing) are refused. ``H`` is ``K x K`` float32 on the
+layer's device, one at a time (that of the input group being quantized).
+Feeding group by group replays the block up to each group's input, about
+twice the block forwards of calibrating every linear at once.
 """
 
 from __future__ import annotations
@@ -40,7 +49,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimTuneError
-from slimtune.compress.arch import layers
+from slimtune.compress.arch import input_groups, layers
 from slimtune.compress.kernels.reference import code_range, symmetric_zero
 from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
@@ -175,9 +184,16 @@ class GPTQ:
         self.h += rows.t() @ rows
         self.tokens = total
 
-    def finalize(self, scheme: QuantScheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True) -> dict:
-        """Packed tensors ``{"qweight", "scales", "zeros"}`` plus ``"error"``, ``"dead"`` and ``"tokens"``."""
-        packed = gptq_quantize_weight(self.linear.weight, self.h, scheme, damp, block_size, act_order, self.where)
+    def finalize(self, scheme: QuantScheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
+                 linear: nn.Linear | None = None, where: str | None = None) -> dict:
+        """Packed tensors ``{"qweight", "scales", "zeros"}`` plus ``"error"``, ``"dead"`` and ``"tokens"``.
+
+        Args:
+            linear: another linear that reads the same inputs (default: the one accumulated for), named ``where``.
+        """
+        linear = linear if linear is not None else self.linear
+        where = where if where is not None else self.where
+        packed = gptq_quantize_weight(linear.weight, self.h, scheme, damp, block_size, act_order, where)
         packed["tokens"] = self.tokens
         return packed
 
@@ -216,16 +232,15 @@ def gptq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Qua
 
     def process_block(i: int, block: nn.Module, inputs: BlockInputs) -> None:
         targets = inside[i]
-        if not targets:
-            return
-        accumulators = {rel: GPTQ(block.get_submodule(rel), name) for rel, name in targets.items()}
-        inputs.feed(block, accumulators)
-        for rel, acc in accumulators.items():
-            name = targets[rel]
-            stats = acc.finalize(schemes[name], damp, block_size, act_order)
-            block.set_submodule(rel, QuantLinear.from_packed(acc.linear, schemes[name], stats))
-            report[name] = _entry("gptq", schemes[name], error=stats["error"], dead=stats["dead"], tokens=stats["tokens"])
-            del acc.h
+        for group in sequential_groups(model, i, targets):
+            acc = GPTQ(block.get_submodule(group[0]), targets[group[0]])
+            inputs.feed(block, {group[0]: acc})  # the inputs the already quantized groups produce
+            for rel in group:
+                name = targets[rel]
+                linear = block.get_submodule(rel)
+                stats = acc.finalize(schemes[name], damp, block_size, act_order, linear, name)
+                block.set_submodule(rel, QuantLinear.from_packed(linear, schemes[name], stats))
+                report[name] = _entry("gptq", schemes[name], error=stats["error"], dead=stats["dead"], tokens=stats["tokens"])
 
     if any(inside):
         walk_blocks(model, batches, process_block, device)
@@ -257,6 +272,19 @@ def check_targets(model: nn.Module, schemes: dict[str, QuantScheme]) -> None:
         sharing = [other for other in owners[id(module.weight)] if other != name]
         if sharing:
             raise SlimTuneError(f"{name} shares its weight with {sharing}", "quantize shared weights without GPTQ, or unshare them first")
+
+
+def sequential_groups(model: nn.Module, index: int, targets: dict[str, str]) -> list[tuple[str, ...]]:
+    """The listed linears of block ``index`` (names relative to it) in true-sequential order.
+
+    Groups of linears reading one input (:func:`slimtune.compress.arch.input_groups`, in
+    computation order) keep only their listed members; listed linears no group names come
+    last, one group each.
+    """
+    groups = [tuple(rel for rel in g.linears if rel in targets) for g in input_groups(model, index)]
+    groups = [g for g in groups if g]
+    named = {rel for g in groups for rel in g}
+    return groups + [(rel,) for rel in targets if rel not in named]
 
 
 def split_by_block(model: nn.Module, schemes: dict[str, QuantScheme]) -> tuple[list[dict[str, str]], list[str]]:
