@@ -68,15 +68,38 @@ def test_minilm_sentiment_recipe_runs_end_to_end_on_a_subset(tmp_path):
     assert type(art.model.bert.embeddings.word_embeddings).__name__ == "QuantEmbedding"
 
 
-def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights(tmp_path):
-    import slimtune
+# BENCHMARKS.md, "Compression I" (SmolLM2, 128 held-out IMDB reviews at 256 tokens, 16 calibration batches of 8):
+# dense 45.90, magnitude 50% 532.05, Wanda 50% 97.55 (0.18x magnitude, 2.13x dense). The test below runs 8 reviews
+# at 64 tokens with one calibration batch, so it asks less than those ratios: Wanda under half of magnitude's
+# perplexity, and within 4x of dense (one run here, with the sequential Wanda of this issue: dense 63.31, Wanda
+# 133.53, magnitude 611.71, i.e. 0.22x and 2.11x). Margins to re-derive when BENCHMARKS.md is re-measured.
+WANDA_OVER_MAGNITUDE_MAX = 0.5
+WANDA_OVER_DENSE_MAX = 4.0
 
-    overrides = {"task.limit": 8, "task.max_length": 64, "stages.prune.calibration.batches": 1, "stages.evaluate.runs": 2,
-                 "stages.evaluate.warmup": 1}
+
+def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights_and_beats_magnitude(tmp_path):
+    import slimtune
+    from slimtune.artifact import Artifact
+    from slimtune.compress.prune import magnitude_prune_
+    from slimtune.eval.stage import EvaluateConfig, evaluate_artifact
+
+    overrides = {"task.limit": 8, "task.max_length": 64, "stages.prune.calibration.batches": 1, "stages.evaluate.latency": False}
     result = slimtune.run("smollm2-wanda", overrides=overrides, out=tmp_path / "run")
     prune, evaluate = (r.metrics for r in result.stages)
     assert prune["sparsity"] == pytest.approx(0.5, abs=1e-6)
-    assert math.isfinite(evaluate["perplexity"]) and evaluate["tokens"] > 0
+    wanda = evaluate["perplexity"]
+
+    # The same test reviews through the dense model, then through it magnitude-pruned to 50% per layer.
+    model, tok = load_pretrained("embedded:smollm2", "AutoModelForCausalLM")
+    art = Artifact(model=model.eval(), tokenizer=tok, task=result.recipe.task)
+    config, batch_size = EvaluateConfig(latency=False, onnx=False), result.recipe.train.eval_batch_size
+    dense = evaluate_artifact(art, config, batch_size)
+    magnitude_prune_(model, sparsity=0.5)  # per layer, as the benchmark's magnitude row
+    magnitude = evaluate_artifact(art, config, batch_size)
+    assert dense["tokens"] == magnitude["tokens"] == evaluate["tokens"] > 0  # one token set for all three
+    ppl = {"dense": dense["perplexity"], "wanda": wanda, "magnitude": magnitude["perplexity"]}
+    assert ppl["dense"] < wanda < WANDA_OVER_DENSE_MAX * ppl["dense"], ppl
+    assert wanda < WANDA_OVER_MAGNITUDE_MAX * ppl["magnitude"], ppl
 
 
 def test_smollm2_int4_gptq_recipe_quantizes_every_block_linear(tmp_path):
