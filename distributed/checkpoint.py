@@ -4,8 +4,9 @@ A checkpoint is a directory ``step-NNNNNNN/`` holding
 
 * the DCP shards of ``{"model", "optim", ["best"]}`` - sharded under FSDP
   (each rank writes its own shard), saved once when replicated;
-* ``rank-R.safetensors`` per rank: that rank's RNG states and the losses of
-  the unfinished epoch (dropout masks and data shards differ per rank);
+* ``rank-R.safetensors`` per rank: that rank's RNG states (torch CPU and
+  CUDA, Python, NumPy) and the losses of the unfinished epoch (dropout masks
+  and data shards differ per rank);
 * ``trainer.json``: step, epoch, history, best epoch, scheduler and scaler
   state (written by rank 0).
 
@@ -19,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -75,10 +78,8 @@ def save(directory: Path, tensors: dict, state: TrainerState) -> Path:
         tmp.mkdir(parents=True)
     _barrier()
     dcp.save(tensors, checkpoint_id=str(tmp))
-    rng = {"cpu_rng": torch.get_rng_state(), "epoch_losses": torch.tensor(state.epoch_losses, dtype=torch.float64)}
-    if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state()
-    save_file(rng, str(tmp / f"rank-{rank}.safetensors"))
+    per_rank = {**rng_states(), "epoch_losses": torch.tensor(state.epoch_losses, dtype=torch.float64)}
+    save_file(per_rank, str(tmp / f"rank-{rank}.safetensors"))
     _barrier()
     if rank == 0:
         meta = {k: v for k, v in state.__dict__.items() if k != "epoch_losses"}
@@ -101,7 +102,42 @@ def load(path: Path, tensors: dict) -> TrainerState:
     dcp.load(tensors, checkpoint_id=str(path))
     meta = json.loads((path / "trainer.json").read_text())
     per_rank = load_file(str(path / f"rank-{_rank()}.safetensors"))
-    torch.set_rng_state(per_rank["cpu_rng"])
-    if "cuda_rng" in per_rank and torch.cuda.is_available():
-        torch.cuda.set_rng_state(per_rank["cuda_rng"])
+    restore_rng_states(per_rank)
     return TrainerState(**meta, epoch_losses=per_rank["epoch_losses"].tolist())
+
+
+def rng_states() -> dict[str, torch.Tensor]:
+    """Every generator training draws from, as tensors: torch CPU, every CUDA device, Python ``random``, NumPy.
+
+    The data order comes from generators seeded per epoch (see strategy.py),
+    so these global ones are all that dropout (or any random op) consumes.
+    """
+    version, keys, gauss = random.getstate()
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    states = {
+        "cpu_rng": torch.get_rng_state(),
+        "py_rng": torch.tensor([version, *keys], dtype=torch.int64),
+        "py_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "np_rng": torch.from_numpy(np_keys.astype(np.int64)),
+        "np_meta": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        states["cuda_rng"] = torch.stack(torch.cuda.get_rng_state_all())
+    return states
+
+
+def restore_rng_states(states: dict[str, torch.Tensor]) -> None:
+    """Set the generators :func:`rng_states` saved (CUDA only where this process sees the same devices)."""
+    torch.set_rng_state(states["cpu_rng"])
+    if "py_rng" in states:  # checkpoints before these were added hold only torch's
+        version, *keys = states["py_rng"].tolist()
+        has_gauss, gauss = states["py_gauss"].tolist()
+        random.setstate((version, tuple(keys), gauss if has_gauss else None))
+        pos, has_np_gauss, np_gauss = states["np_meta"].tolist()
+        np.random.set_state(("MT19937", states["np_rng"].numpy().astype(np.uint32), int(pos), int(has_np_gauss), np_gauss))
+    cuda = states.get("cuda_rng")
+    if cuda is not None and torch.cuda.is_available():
+        if cuda.dim() == 1:  # one device's state (older checkpoints)
+            torch.cuda.set_rng_state(cuda)
+        elif len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(list(cuda))

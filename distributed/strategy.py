@@ -110,7 +110,11 @@ class Strategy:
                epoch: int = 0, skip: int = 0) -> DataLoader:
         """This rank's batches of epoch ``epoch``, the first ``skip`` left out (to resume mid-epoch)."""
         batches = self.batches(examples, batch_size, shuffle, seed, group_by_length, epoch)[skip:]
-        return DataLoader(examples, batch_sampler=batches, collate_fn=collate)
+        # Its own generator: iter(DataLoader) draws a worker base seed, from the
+        # global generator by default, which would shift every later dropout
+        # mask and make a resumed epoch (restored RNG, then a new loader) differ.
+        generator = torch.Generator().manual_seed(seed + epoch)
+        return DataLoader(examples, batch_sampler=batches, collate_fn=collate, generator=generator)
 
     def batches(self, examples: list, batch_size: int, shuffle: bool, seed: int, group_by_length: bool, epoch: int = 0) -> list[list[int]]:
         """This rank's batches (lists of example indices) of epoch ``epoch``."""

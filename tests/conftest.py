@@ -18,14 +18,25 @@ os.environ.setdefault("SLIMTUNE_QUIET", "1")
 import pytest
 import torch
 
+from slimtune.distributed.launch import cpu_cores
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` skip, saying why, where torch sees no CUDA device (``pytest -m gpu`` on a CPU box)."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    """Skip, saying why, what this machine cannot run.
+
+    ``gpu`` tests where torch sees no CUDA device (``pytest -m gpu`` on a CPU
+    box); ``distributed`` tests (2 worker processes, which ``--nproc 2``
+    refuses on fewer cores) on a 1-core machine.
+    """
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    if cpu_cores() < 2:
+        skips["distributed"] = pytest.mark.skip(reason=f"starts 2 worker processes; this machine has {cpu_cores()} CPU core")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
@@ -46,7 +57,7 @@ def tiny_texts(n: int, seed: int = 0) -> list[tuple[str, int]]:
     return rows
 
 
-def write_bert(path: Path, seed: int = 0, num_layers: int = 2) -> Path:
+def write_bert(path: Path, seed: int = 0, num_layers: int = 2, dropout: float = 0.0) -> Path:
     from transformers import BertConfig, BertModel, BertTokenizer
 
     path.mkdir(parents=True, exist_ok=True)
@@ -55,7 +66,7 @@ def write_bert(path: Path, seed: int = 0, num_layers: int = 2) -> Path:
     tokenizer = BertTokenizer(vocab=str(path / "vocab.txt"))
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -83,6 +94,12 @@ def tiny_bert(tmp_path_factory) -> Path:
 def tiny_bert_6_layers(tmp_path_factory) -> Path:
     """The tiny BERT with six layers, like MiniLM (recipes that pick layers 0, 2, 4 run on it)."""
     return write_bert(tmp_path_factory.mktemp("tiny-bert-6"), num_layers=6)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dropout(tmp_path_factory) -> Path:
+    """The tiny BERT with dropout 0.1 (as BERT ships): training draws random masks every step."""
+    return write_bert(tmp_path_factory.mktemp("tiny-bert-dropout"), dropout=0.1)
 
 
 @pytest.fixture(scope="session")

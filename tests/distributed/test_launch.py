@@ -4,13 +4,19 @@ Every run here starts real torchrun jobs of 2 CPU processes (gloo).
 """
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
+from slimtune.distributed.launch import cpu_cores
 from slimtune.distributed.testing import compare_strategies
 from slimtune.recipe import shipped_recipes
 
@@ -57,6 +63,62 @@ def test_rank_killed_mid_stage_is_restarted_and_resumes_to_the_same_result(write
     assert not leftover_processes(str(tmp_path / "killed"))
 
 
+def worker_pid(marker: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of ``rank`` whose command line mentions ``marker`` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # not a process, gone, or not ours
+            continue
+        if marker.encode() in args and b"torch.distributed.run" not in args and f"RANK={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, rank: int, timeout: float = 240) -> None:
+    """From outside the job: wait for a finished checkpoint under ``run_dir``, then SIGKILL ``rank``'s worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = any(not p.name.endswith(".tmp") for p in (run_dir / ".checkpoints").glob("*/step-*"))
+        pid = worker_pid(str(run_dir), rank) if done else None
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint appeared under {run_dir} while the job ran (exit code {proc.poll()})")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker to kill through Linux /proc")
+def test_worker_killed_from_outside_resumes_bitwise_with_dropout(tiny_bert_dropout, tiny_csv, tmp_path):
+    """A restarted DDP job reproduces the uninterrupted one exactly, dropout masks included (same world size and threads)."""
+    from tests.conftest import recipe_text
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(tiny_bert_dropout, tiny_csv, "- finetune: {epochs: 2, eval_split: none}\n"))
+    sets = [f"{k}={v}" for k, v in TRAIN.items()] + ["train.checkpoint_every=5"]  # 16 steps, checkpoints at 5, 10, 15
+    args = ["--nproc", "2", "--strategy", "ddp", "--max-restarts", "1", *[a for s in sets for a in ("--set", s)]]
+    killed_dir, plain_dir = tmp_path / "killed", tmp_path / "plain"
+    with open(tmp_path / "killed.err", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "slimtune", "run", recipe, "--out", killed_dir, *args], stderr=err,
+                                stdout=subprocess.DEVNULL)
+        try:
+            kill_after_first_checkpoint(proc, killed_dir, rank=1)
+            assert proc.wait(timeout=300) == 0, (tmp_path / "killed.err").read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = (tmp_path / "killed.err").read_text()
+    assert "resuming from" in stderr and "step-00000" in stderr, stderr[-3000:]  # restarted mid-stage, not from scratch
+    plain = slimtune_cli("run", recipe, "--out", plain_dir, "--quiet", *args)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    resumed, uninterrupted = (load_file(str(d / "01-finetune/model.safetensors")) for d in (killed_dir, plain_dir))
+    assert resumed.keys() == uninterrupted.keys()
+    different = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}: max {max_diff(killed_dir / '01-finetune/model.safetensors', plain_dir / '01-finetune/model.safetensors'):.2e}"
+    assert not leftover_processes(str(killed_dir))
+
+
 def test_a_rank_failing_without_restarts_fails_the_run_and_leaves_no_process(write_recipe, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "SLIMTUNE_FAIL_AT": "2:1"}
@@ -68,17 +130,26 @@ def test_a_rank_failing_without_restarts_fails_the_run_and_leaves_no_process(wri
     assert not (out / "01-finetune").exists()
 
 
+def closed_port() -> int:
+    """A local TCP port nothing listens on: one the OS just handed out for a socket that is closed again."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--nproc", str(len(os.sched_getaffinity(0)) + 1)], "more processes than this machine has CPU cores"),
+    (["--nproc", str(cpu_cores() + 1)], "more processes than this machine has CPU cores"),
     (["--nproc", "3", "--strategy", "pipeline"], "pipeline with 3 stages, but"),
-    (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:9"], "rendezvous endpoint 127.0.0.1:9 is unreachable"),
+    (["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", "127.0.0.1:{closed}"], "rendezvous endpoint 127.0.0.1:{closed} is unreachable"),
     (["--nnodes", "2", "--rdzv-endpoint", "no-such-host.invalid:29400"], "does not resolve"),
     (["--nnodes", "2"], "needs a rendezvous endpoint"),
     (["--set", "train.device=cuda", "--nproc", "2"], "no CUDA GPU is available"),
 ])
 def test_bad_launch_is_refused_before_any_process_starts(write_recipe, tmp_path, args, message):
-    if "cuda" in " ".join(args) and __import__("torch").cuda.is_available():
+    if "cuda" in " ".join(args) and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
+    port = closed_port()
+    args, message = [a.format(closed=port) for a in args], message.format(closed=port)
     out = tmp_path / "run"
     proc = slimtune_cli("run", write_recipe(STAGES), "--out", out, *args)
     assert proc.returncode == 2, proc.stderr
@@ -100,9 +171,11 @@ def test_every_shipped_recipe_runs_under_nproc_2(name, tiny_bert_6_layers, tiny_
     sets = [f"{k}={v}" for k, v in tiny_overrides(kind, tiny_bert_6_layers, tiny_llama, tiny_csv).items()]
     proc = slimtune_cli("run", name, "--out", tmp_path / "run", "--nproc", "2", "--quiet", *[a for s in sets for a in ("--set", s)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "run directory" in proc.stdout and proc.stdout.count("0") > 0
-    stages = yaml.safe_load(shipped_recipes()[name].read_text())["stages"]
-    assert len([p for p in (tmp_path / "run").iterdir() if p.is_dir() and not p.name.startswith(".")]) == len(stages)
+    stages = [next(iter(s)) for s in yaml.safe_load(shipped_recipes()[name].read_text())["stages"]]
+    assert f"run directory: {tmp_path / 'run'}" in proc.stdout, proc.stdout  # rank 0 alone reports, after the job
+    assert all(stage in proc.stdout for stage in stages), (stages, proc.stdout)  # the table lists every stage
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.is_dir() and not p.name.startswith(".")) == \
+        [f"{i:02d}-{stage}" for i, stage in enumerate(stages, start=1)]
 
 
 def test_bad_input_found_inside_a_launched_stage_exits_2_once_with_nothing_written(write_recipe, tmp_path):
