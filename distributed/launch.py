@@ -12,6 +12,7 @@ nothing is left behind. Inside a worker, :func:`init_process_group` joins
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import os
@@ -80,6 +81,38 @@ def init_process_group(device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def close_process_group(completed: bool) -> None:
+    """Leave the default process group so that this rank's process exits cleanly.
+
+    After a completed run every rank first meets at a barrier, so no
+    collective is pending anywhere, and cyclic garbage is collected: FSDP2's
+    state is full of reference cycles that keep the sharded module, its device
+    mesh, the gloo group and that group's last work objects alive. Left to
+    interpreter shutdown, that group is torn down while its worker threads
+    still hold work whose tensors need the (finalizing) interpreter, and the
+    process dies in ``std::terminate`` ("terminate called without an active
+    exception", SIGABRT) although every stage finished.
+
+    After a failure (``completed=False``) a peer may be waiting in a collective
+    this rank will never join: no barrier, and the failure is recorded for
+    torchrun, which prints it in its summary and stops the other ranks.
+    """
+    if not dist.is_initialized():
+        return
+    if completed:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def record_failure(err: BaseException) -> None:
+    """Hand an unexpected error of this rank to torchrun's error file (its summary names the root cause)."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    if in_torchrun() and isinstance(err, Exception) and not isinstance(err, SlimTuneError):  # user errors: report_user_error
+        ErrorHandler().record_exception(err)
 
 
 def check_launch(nproc: int, nnodes: int, device: torch.device, node_rank: int = 0, rdzv_endpoint: str | None = None) -> None:

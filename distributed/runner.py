@@ -140,10 +140,15 @@ def _execute(recipe: Recipe, labels: list | None, run_dir: Path, fresh: bool, de
         if strategy.is_main:
             _prepare_run_dir(run_dir, recipe, fresh)
         launch.barrier()
-        return _stages(recipe, labels, run_dir, fresh, strategy, distributed)
-    finally:
+        result = _stages(recipe, labels, run_dir, fresh, strategy, distributed)
+    except BaseException as err:
         if own_group:
-            dist.destroy_process_group()
+            launch.record_failure(err)
+            launch.close_process_group(completed=False)
+        raise
+    if own_group:
+        launch.close_process_group(completed=True)
+    return result
 
 
 def _stages(recipe: Recipe, labels, run_dir: Path, fresh: bool, strategy, distributed: bool) -> RunResult:
