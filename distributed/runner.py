@@ -250,7 +250,8 @@ def _run_stage(recipe: Recipe, spec, stage, artifact: Artifact, path: Path, key:
         result = stage.run(ctx, spec.config)
         out = result.artifact
         out.lineage = out.lineage + [{"stage": spec.name, "config": spec.resolved(), "key": key}]
-        metrics = {**result.metrics, "seconds": round(time.perf_counter() - started, 2)}
+        # world_size: the processes the job really ran on (checked by compare_strategies).
+        metrics = {**result.metrics, "world_size": strategy.world_size, "seconds": round(time.perf_counter() - started, 2)}
         if not main:
             return out, metrics
         if stage.changes_model or input_path is None:

@@ -27,7 +27,12 @@ RESULT_METRICS = ("accuracy", "perplexity", "centroid_accuracy", "train_loss", "
 
 @dataclass
 class Comparison:
-    """Per strategy and stage: the largest weight difference and metric differences against the reference."""
+    """Per strategy and stage: the largest weight difference and metric differences against the reference.
+
+    ``mismatches`` holds what makes runs incomparable (a different number or
+    order of stages, a result metric only one side reports, a run on another
+    world size than requested); each is a failure.
+    """
 
     reference: str
     weight_diff: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -35,12 +40,18 @@ class Comparison:
     atol: float = 1e-5
     metric_atol: float = 1e-3
     runs: dict[str, Any] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
+    code_diff: dict[tuple[str, str], float] = field(default_factory=dict)  # fraction of integer elements (packed codes) that differ
+    code_tol: float = 0.0
 
     @property
     def failures(self) -> list[str]:
-        bad = [f"{s} {stage}: weights differ by {d:.2e} > {self.atol:g}" for (s, stage), d in self.weight_diff.items() if not d <= self.atol]
+        bad = list(self.mismatches)
+        bad += [f"{s} {stage}: weights differ by {d:.2e} > {self.atol:g}" for (s, stage), d in self.weight_diff.items() if not d <= self.atol]
         bad += [f"{s} {stage}: {m} differs by {d:.2e} > {self.metric_atol:g}" for (s, stage, m), d in self.metric_diff.items()
                 if not d <= self.metric_atol]
+        bad += [f"{s} {stage}: {d:.2e} of the integer codes differ > {self.code_tol:g}" for (s, stage), d in self.code_diff.items()
+                if not d <= self.code_tol]
         return bad
 
     @property
@@ -51,39 +62,77 @@ class Comparison:
         lines = [f"reference: {self.reference}"]
         lines += [f"{s} {stage}: max weight diff {d:.2e}" for (s, stage), d in self.weight_diff.items()]
         lines += [f"{s} {stage} {m}: diff {d:.2e}" for (s, stage, m), d in self.metric_diff.items()]
+        lines += [f"{s} {stage}: {d:.2e} of the integer codes differ" for (s, stage), d in self.code_diff.items()]
         return "\n".join(lines + [f"FAILED: {f}" for f in self.failures])
 
 
 def compare_strategies(recipe: str | Path, out: str | Path, overrides: dict[str, Any] | None = None,
                        strategies: tuple[str, ...] = ("single", "ddp", "fsdp"), nproc: int = 2,
-                       atol: float = 1e-5, metric_atol: float = 1e-3) -> Comparison:
+                       atol: float = 1e-5, metric_atol: float = 1e-3, code_tol: float = 0.0) -> Comparison:
     """Run ``recipe`` under each strategy (the first is the reference) and compare.
 
-    ``atol`` bounds the largest parameter difference of each stage's weights
-    (floating-point reduction order differs between strategies);
-    ``metric_atol`` bounds each result metric's difference.
+    ``atol`` bounds the largest difference of each stage's floating-point
+    tensors (floating-point reduction order differs between strategies);
+    ``code_tol`` the fraction of integer elements (quantized codes) that may
+    differ (a float weight that lands within ``atol`` of a rounding boundary
+    flips its code); ``metric_atol`` bounds each result metric's difference.
     """
     import slimtune
 
     out = Path(out)
-    report = Comparison(strategies[0], atol=atol, metric_atol=metric_atol)
+    runs, world_sizes = {}, {}
     for name in strategies:
-        settings = {"distributed.strategy": name, "distributed.nproc": 1 if name == "single" else nproc}
-        report.runs[name] = slimtune.run(recipe, overrides={**(overrides or {}), **settings}, out=out / name)
-    reference = report.runs[strategies[0]]
-    for name in strategies[1:]:
-        for ref, other in zip(reference.stages, report.runs[name].stages):
-            if (ref.path / WEIGHTS_FILE).is_file():
-                report.weight_diff[(name, ref.name)] = _max_diff(ref.path / WEIGHTS_FILE, other.path / WEIGHTS_FILE)
-            for metric in RESULT_METRICS:
-                a, b = ref.metrics.get(metric), other.metrics.get(metric)
-                if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-                    report.metric_diff[(name, ref.name, metric)] = abs(a - b) if math.isfinite(a) else (0.0 if a == b else math.inf)
+        world_sizes[name] = 1 if name == "single" else nproc
+        settings = {"distributed.strategy": name, "distributed.nproc": world_sizes[name]}
+        runs[name] = slimtune.run(recipe, overrides={**(overrides or {}), **settings}, out=out / name)
+    return compare_runs(runs, world_sizes, atol, metric_atol, code_tol)
+
+
+def compare_runs(runs: dict[str, Any], world_sizes: dict[str, int], atol: float = 1e-5, metric_atol: float = 1e-3,
+                 code_tol: float = 0.0) -> Comparison:
+    """Compare finished runs (``RunResult``s by strategy name; the first is the reference) stage by stage.
+
+    Every run must have the reference's stages in order, have run each stage
+    on ``world_sizes[name]`` processes (the ``world_size`` the runner records
+    in each stage's metrics), and report the same result metrics.
+    """
+    names = list(runs)
+    report = Comparison(names[0], atol=atol, metric_atol=metric_atol, runs=dict(runs), code_tol=code_tol)
+    for name, run in runs.items():
+        for stage in run.stages:
+            if stage.metrics.get("world_size") != world_sizes[name]:
+                report.mismatches.append(f"{name} {stage.name}: ran on world size {stage.metrics.get('world_size')}, "
+                                         f"not the requested {world_sizes[name]}")
+    reference = runs[names[0]]
+    for name in names[1:]:
+        ref_stages, other_stages = [s.name for s in reference.stages], [s.name for s in runs[name].stages]
+        if ref_stages != other_stages:
+            report.mismatches.append(f"{name}: stages {other_stages} differ from the reference's {ref_stages}")
+            continue
+        for ref, other in zip(reference.stages, runs[name].stages):
+            _compare_stage(report, name, ref, other)
     return report
 
 
-def _max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a)), load_file(str(b))
-    if x.keys() != y.keys():
-        return math.inf
-    return max(((x[k].double() - y[k].double()).abs().max().item() for k in x if x[k].numel()), default=0.0)
+def _compare_stage(report: Comparison, name: str, ref, other) -> None:
+    if (ref.path / WEIGHTS_FILE).is_file() != (other.path / WEIGHTS_FILE).is_file():
+        report.mismatches.append(f"{name} {ref.name}: {WEIGHTS_FILE} exists on one side only")
+    elif (ref.path / WEIGHTS_FILE).is_file():
+        x, y = load_file(str(ref.path / WEIGHTS_FILE)), load_file(str(other.path / WEIGHTS_FILE))
+        if x.keys() != y.keys() or any(x[k].shape != y[k].shape or x[k].dtype != y[k].dtype for k in x):
+            report.mismatches.append(f"{name} {ref.name}: the weight files hold different tensors")
+            return
+        floats = [k for k in x if x[k].is_floating_point() and x[k].numel()]
+        report.weight_diff[(name, ref.name)] = max(((x[k].double() - y[k].double()).abs().max().item() for k in floats), default=0.0)
+        codes = [k for k in x if not x[k].is_floating_point() and x[k].numel()]
+        if codes:
+            differing = sum((x[k] != y[k]).sum().item() for k in codes)
+            report.code_diff[(name, ref.name)] = differing / sum(x[k].numel() for k in codes)
+    for metric in RESULT_METRICS:
+        a, b = ref.metrics.get(metric), other.metrics.get(metric)
+        if (a is None) != (b is None):
+            report.mismatches.append(f"{name} {ref.name}: metric {metric!r} is reported by "
+                                     f"{'the reference' if b is None else name} only")
+        elif isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            report.metric_diff[(name, ref.name, metric)] = abs(a - b) if math.isfinite(a) else (0.0 if a == b else math.inf)
+

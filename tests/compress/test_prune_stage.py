@@ -159,7 +159,10 @@ def test_prune_with_recovery_agrees_under_single_ddp_and_fsdp(write_recipe, tmp_
     from slimtune.distributed.testing import compare_strategies
 
     recipe = write_recipe("- prune: {method: magnitude, sparsity: 0.5, recover: {epochs: 1}}\n")
-    report = compare_strategies(recipe, tmp_path, overrides=SMALL)
+    # Only summation order differs: a gradient sums K = 16 x 16 = 256 terms (K * 2^-24 = 1.5e-5
+    # relative, doubled by Adam's m / sqrt(v)), over T = 4 steps of at most lr = 5e-3:
+    # 4 * 5e-3 * 3e-5 = 6e-7, times 4 for differences fed back through later gradients.
+    report = compare_strategies(recipe, tmp_path, overrides=SMALL, atol=2.4e-6)
     assert report.ok, str(report)
     assert ("fsdp", "prune") in report.weight_diff
     for name, run in report.runs.items():
