@@ -42,14 +42,14 @@ without CUDA. Times in ms, reference / chosen path:
   2048x2048 g128: M=1 24 / 0.74, M=8 25 / 1.9. Above 32 rows it stops winning
   (M=128, 2048x2048: 81 ms against 51 for the exact path below), so larger M
   takes the exact path. It rounds the scales to bf16, so it matches the
-  reference within ``BF16_TOLERANCE`` (2e-2) of the output's largest
-  magnitude; measured 3e-3 to 7.7e-3 (a bf16 ulp is 2^-8 = 3.9e-3).
+  reference only within :func:`cpu_fast_path_error_bound` (about a bf16
+  ulp, 2^-8, of the weights' contribution).
 * INT4 with fp32/fp16 activations at M == 1 (decoding): the same kernel in
-  fp32 (exact: within ``FP32_TOLERANCE`` = 1e-5, measured <= 2.1e-6).
+  fp32, within :func:`cpu_fast_path_error_bound` (float32 roundoff).
   2048x2048 g128: 105 / 13 ms; 576x1536: 17 / 2.0. Its fp32 path is not
   vectorized over M (M=8, 2048x2048: 110 ms against 20), so only M == 1.
 * INT8 per channel with fp32/fp16 activations at M == 1: torch's
-  ``_weight_int8pack_mm`` (exact, <= 2e-6): 2048x2048 19 / 7.2 ms;
+  ``_weight_int8pack_mm`` (float32 roundoff, :func:`cpu_fast_path_error_bound`): 2048x2048 19 / 7.2 ms;
   576x1536 18 / 1.3. At M=8 it loses (99 against 37 ms).
 * Everything else, and every ``dequant_matmul_t``: dequantize with
   broadcasting instead of the reference's ``repeat_interleave`` (bitwise the
@@ -85,8 +85,6 @@ from slimtune.compress.kernels import reference
 
 GEMV_MAX_M = 16
 CUBLAS_MIN_M = 1024
-FP32_TOLERANCE = 1e-5  # the fp32 int4pack/int8pack kernels vs the reference, relative to the largest output
-BF16_TOLERANCE = 2e-2  # bf16 int4pack (bf16 scales) vs the reference
 CPU_INT4PACK_GROUPS = (256, 128, 64, 32)
 CPU_INT4PACK_BF16_MAX_M = 32
 CPU_W8A8_FLOAT_MIN_M = 16
@@ -176,6 +174,61 @@ def int8pack_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
     y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.float().reshape(-1))  # (M, N)
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """``u``: half the spacing of ``dtype``'s numbers at 1 (2^-24 for float32, 2^-8 for bfloat16, 2^-11 for float16)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def cpu_fast_path_error_bound(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int,
+                              group_size: int, k: int, compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Elementwise bound ``(M, N)`` (float64) on ``|fast - reference.dequant_matmul|`` for torch's CPU packed kernels.
+
+    What the kernels compute (aten/src/ATen/native/cpu/int4mm_kernel.cpp and
+    int8mm_kernel.cpp, every CPU capability): ``_weight_int4pack_mm_for_cpu``
+    dequantizes each weight as ``(c - 8) * s' + z'`` in float32 (fused or
+    not), with ``s'`` and ``z' = (8 - z) s`` (computed in float32 here) stored
+    in ``compute_dtype``, then accumulates ``x_k w'_k`` in float32 in its own
+    order, and stores the result in ``compute_dtype``; ``_weight_int8pack_mm``
+    sums ``x_k c_k`` in float32 and multiplies by the scale. The reference
+    rounds ``w = (c - z) s`` once and sums in float32 in BLAS order. With
+    ``u`` float32's unit roundoff, ``u_c`` that of ``compute_dtype`` and
+    ``u_o`` that of the output dtype:
+
+    * per weight (int4): ``|w' - w| <= (u_c + u) s (|c - 8| + |8 - z|) + 2 u |w|``
+      (the rounded scale and zero term, the kernel's and the reference's
+      roundings of the weight); int8 has no weight term (its scale is applied
+      once, counted with the sum);
+    * the two sums of K products, each off by at most ``gamma_{K+2} sum |x| |w|``
+      (Higham, Lemma 3.1 and eq. 3.4; ``gamma_n = n u / (1 - n u)``, one
+      more rounding for the product and one for the scale or the cast);
+    * when the output dtype is not float32, each result rounds once more:
+      ``u_o (2 |y| + bound)``.
+
+    So ``|fast - ref| <= |x| dw^T + 2 gamma_{K+2} |x| |w|^T`` (+ the output
+    rounding), from the operands alone, whatever CPU and summation order.
+
+    Args:
+        x: ``(..., K)`` activations as passed to the op; the bound is ``(M, N)`` over its flattened rows.
+        compute_dtype: the dtype the kernel's scales are stored in (bfloat16 on the bf16 int4pack path).
+    """
+    x2 = x.reshape(-1, k).double().abs()  # (M, K)
+    w = reference.dequantize(qweight, scales, zeros, bits, group_size, k).double()  # (N, K)
+    u, n_terms = unit_roundoff(torch.float32), k + 2
+    gamma = n_terms * u / (1 - n_terms * u)
+    bound = 2 * gamma * (x2 @ w.abs().t())  # (M, N)
+    if bits == 4:
+        codes = reference.unpack(qweight, bits, k).double()  # (N, K)
+        zero = zeros.double() if zeros is not None else torch.full_like(scales, 8.0, dtype=torch.float64)
+        zero = zero.repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)
+        scale = scales.double().repeat_interleave(group_size, dim=1)[:, :k]
+        dw = (unit_roundoff(compute_dtype) + u) * scale * ((codes - 8).abs() + (8 - zero).abs()) + 2 * u * w.abs()
+        bound = bound + x2 @ dw.t()
+    if x.dtype != torch.float32:
+        y = x.reshape(-1, k).double() @ w.t()  # (M, N)
+        bound = bound + unit_roundoff(x.dtype) * (2 * y.abs() + bound)
+    return bound
 
 
 def _cpu_dequant_matmul(x, qweight, scales, zeros, bits, group_size, k):
