@@ -102,12 +102,36 @@ def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights_and_beats_magnitu
     assert wanda < WANDA_OVER_MAGNITUDE_MAX * ppl["magnitude"], ppl
 
 
-def test_smollm2_int4_gptq_recipe_quantizes_every_block_linear(tmp_path):
-    import slimtune
+# BENCHMARKS.md, "Compression II" (SmolLM2, 128 held-out IMDB reviews at 256 tokens, 16 calibration batches of 8),
+# measured before issue 12 (symmetric 4-bit grid max|w|/7, no true-sequential GPTQ): fp32 45.90, INT4 g128 RTN 81.99
+# (1.79x fp32), GPTQ 55.28 (1.20x fp32, 0.67x RTN). The test below evaluates 8 reviews at 64 tokens and calibrates
+# on 16, a weaker calibration than the benchmark's, so it asks less than those ratios: GPTQ within 1.35x of fp32's
+# perplexity and under 0.9x of RTN's. Margins to re-derive when BENCHMARKS.md is re-measured after issue 12.
+GPTQ_OVER_FP32_MAX = 1.35
+GPTQ_OVER_RTN_MAX = 0.9
 
-    overrides = {"task.limit": 8, "task.max_length": 64, "stages.quantize.calibration.batches": 1, "stages.evaluate.runs": 2,
-                 "stages.evaluate.warmup": 1}
+
+def test_smollm2_int4_gptq_recipe_quantizes_every_block_linear_close_to_fp32_and_below_rtn(tmp_path):
+    import slimtune
+    from slimtune.compress import quantize_
+    from slimtune.stage import iterate_batches
+
+    overrides = {"task.limit.train": 16, "task.limit.validation": 8, "task.limit.test": 8, "task.max_length": 64,
+                 "stages.quantize.calibration.batches": 2, "stages.evaluate.latency": False}
     result = slimtune.run("smollm2-int4-gptq", overrides=overrides, out=tmp_path / "run")
     quantize, evaluate = (r.metrics for r in result.stages)
     assert quantize["quantized_modules"] == 30 * 7 and quantize["weight_mb"] < 0.5 * quantize["weight_mb_before"]
-    assert math.isfinite(evaluate["perplexity"]) and evaluate["tokens"] > 0
+
+    # The same test reviews, batched as the evaluate stage does, through the fp32 model, then through it
+    # RTN-quantized with the recipe's scheme (INT4 g128, the 4-bit default symmetry).
+    model, tok = load_pretrained("embedded:smollm2", "AutoModelForCausalLM")
+    task = result.recipe.task
+    batches = list(iterate_batches(load_task_data(task)["test"], Collator(tok, task.max_length, task.kind),
+                                   result.recipe.train.eval_batch_size))
+    fp32 = CausalLM().evaluate(model.eval(), batches)
+    quantize_(model, method="rtn", bits=4, group_size=128)
+    rtn = CausalLM().evaluate(model, batches)
+    assert fp32["tokens"] == rtn["tokens"] == evaluate["tokens"] > 0  # one token set for all three
+    ppl = {"fp32": fp32["perplexity"], "gptq": evaluate["perplexity"], "rtn": rtn["perplexity"]}
+    assert ppl["fp32"] < ppl["gptq"] < GPTQ_OVER_FP32_MAX * ppl["fp32"], ppl
+    assert ppl["gptq"] < GPTQ_OVER_RTN_MAX * ppl["rtn"], ppl
