@@ -49,6 +49,8 @@ def load_pretrained(ref: str, auto_class: str, num_labels: int | None = None, dt
         kwargs["dtype"] = dtype
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where)
+        if auto_class == "AutoModelForSequenceClassification" and num_labels is not None:
+            kwargs["ignore_mismatched_sizes"] = _replaces_head(ref, transformers.AutoConfig.from_pretrained(where), num_labels)
         model = getattr(transformers, auto_class).from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelSourceError(f"cannot load model {ref!r}: {_first_line(err)}", "check the model id or directory, and that you are online for hub ids") from None
@@ -58,6 +60,22 @@ def load_pretrained(ref: str, auto_class: str, num_labels: int | None = None, dt
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _replaces_head(ref: str, config, num_labels: int) -> bool:
+    """Whether ``ref`` holds a trained classification head for another number of classes; says so when it does.
+
+    The head is then replaced by a new, randomly initialised one (transformers'
+    ``ignore_mismatched_sizes``), as a fine-tuning recipe on new labels wants.
+    """
+    trained_head = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+    if not trained_head or config.num_labels == num_labels:
+        return False
+    old = ", ".join(str(config.id2label[i]) for i in sorted(config.id2label))
+    log.warning("%s has a classification head for %d classes (%s) but the data has %d: a new %d-class head is initialised "
+                "randomly and the old one is dropped; train it (e.g. a finetune stage) before measuring", ref, config.num_labels, old,
+                num_labels, num_labels)
+    return True
 
 
 def _first_line(err: Exception) -> str:
