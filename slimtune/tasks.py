@@ -41,7 +41,10 @@ class Collator:
     def __call__(self, examples: list[dict]) -> Batch:
         texts = [e["text"] for e in examples]
         pairs = [e["text_pair"] for e in examples] if "text_pair" in examples[0] else None
-        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        # Right padding whatever the tokenizer's default: positions then count from each sequence's first token,
+        # as without padding (a left-padded batch shifts absolute positions and feeds pads to causal LMs).
+        enc = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_length, padding=True, padding_side="right",
+                             return_tensors="pt")
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc:
             batch["token_type_ids"] = enc["token_type_ids"]
@@ -111,9 +114,15 @@ class CausalLM:
     output_names = ("logits",)
 
     def nll(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
-        """Summed next-token NLL over unpadded targets, and the target count."""
+        """Summed next-token NLL over unpadded targets, and the target count.
+
+        A target counts when it and the position predicting it are both real
+        tokens, so a sequence contributes its length - 1 targets however it is
+        padded (left padding would otherwise predict its first token from a pad).
+        """
         logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, T-1, V)
-        targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+        mask = batch["attention_mask"].bool()
+        targets = batch["input_ids"][:, 1:].masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)  # (B, T-1)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return nll, int((targets != -100).sum())
 
@@ -157,14 +166,15 @@ class Embedding:
             raise SlimTuneError("centroid accuracy needs train data for the class centroids")
         centroids = self._centroids(model, train_batches)  # (C, H)
         correct = total = 0
+        absent = centroids.norm(dim=-1) == 0  # (C,) labels without train examples: no centroid, never predicted
         for batch in batches:
-            pred = (embed(model, batch) @ centroids.T).argmax(-1)
+            pred = (embed(model, batch) @ centroids.T).masked_fill(absent, float("-inf")).argmax(-1)
             correct += (pred == batch["labels"]).sum().item()
             total += len(pred)
         return {"centroid_accuracy": correct / max(total, 1), "examples": total}
 
     def _centroids(self, model, batches) -> torch.Tensor:
-        """(C, H) normalised mean embedding of each label (zero for an absent label)."""
+        """(C, H) normalised mean embedding of each label (zero for a label without train examples)."""
         sums = None
         for batch in batches:
             z = embed(model, batch)  # (B, H)
