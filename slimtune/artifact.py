@@ -39,6 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from slimtune.errors import ArtifactError
+from slimtune.models import first_line
 from slimtune.recipe import TaskConfig
 
 FORMAT_VERSION = 1
@@ -224,7 +225,7 @@ def _unreadable(directory: Path):
     try:
         yield
     except (OSError, ValueError, SafetensorError) as err:  # JSONDecodeError is a ValueError
-        raise ArtifactError(f"{directory} is damaged: {_first_line(err)}", REPAIR) from None
+        raise ArtifactError(f"{directory} is damaged: {first_line(err)}", REPAIR) from None
 
 
 def _load_state(model: nn.Module, state: dict, path: Path) -> None:
@@ -272,7 +273,7 @@ def read_meta(directory: Path) -> dict:
     try:
         meta = json.loads(meta_path.read_bytes())
     except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ArtifactError(f"{meta_path} is corrupt: {_first_line(err)}", REPAIR) from None
+        raise ArtifactError(f"{meta_path} is corrupt: {first_line(err)}", REPAIR) from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if not isinstance(version, int) or not isinstance(meta.get("task"), dict):
         raise ArtifactError(f"{meta_path} is corrupt: it has no integer format_version and task", REPAIR)
@@ -281,7 +282,7 @@ def read_meta(directory: Path) -> dict:
     try:
         TaskConfig.model_validate(meta["task"])
     except ValidationError as err:
-        raise ArtifactError(f"{meta_path} is corrupt: its task does not validate ({_first_line(err)})", REPAIR) from None
+        raise ArtifactError(f"{meta_path} is corrupt: its task does not validate ({first_line(err)})", REPAIR) from None
     if not isinstance(meta.get("files", {}), dict) or not isinstance(meta.get("lineage", []), list):
         raise ArtifactError(f"{meta_path} is corrupt: files must be a mapping and lineage a list", REPAIR)
     return meta
@@ -335,15 +336,10 @@ def read_metrics(directory: Path) -> dict:
     try:
         metrics = json.loads(path.read_bytes())
     except (ValueError, OSError) as err:
-        raise ArtifactError(f"{path} is corrupt: {_first_line(err)}", REPAIR) from None
+        raise ArtifactError(f"{path} is corrupt: {first_line(err)}", REPAIR) from None
     if not isinstance(metrics, dict):
         raise ArtifactError(f"{path} is corrupt: not a JSON object", REPAIR)
     return metrics
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def write_json(path: Path, obj: Any) -> None:

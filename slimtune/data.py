@@ -45,6 +45,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from slimtune.errors import DataError
+from slimtune.models import first_line
 from slimtune.recipe import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -302,7 +303,7 @@ def _read_file(path: Path) -> Table:
     except UnicodeDecodeError as err:
         raise DataError(f"cannot read data file {str(path)!r}: it is not UTF-8 text (byte {err.start})", "save the file as UTF-8") from None
     except (ValueError, OSError, csv.Error) as err:  # pyarrow's errors are ValueErrors or OSErrors
-        raise DataError(f"cannot read data file {str(path)!r}: {_first_line(err)}", f"check that the file is valid {kind}") from None
+        raise DataError(f"cannot read data file {str(path)!r}: {first_line(err)}", f"check that the file is valid {kind}") from None
 
 
 def _read_delimited(path: Path, delimiter: str) -> Table:
@@ -370,11 +371,6 @@ def _records_table(records: list[dict], rows: list[str], source: str) -> Table:
     """Objects that may lack some keys: a key absent from a record is a missing cell."""
     names = list(dict.fromkeys(k for r in records for k in r))
     return Table(source, {n: [r.get(n) for r in records] for n in names}, rows)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _hash_split(frame, text: str) -> dict:

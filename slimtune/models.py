@@ -53,7 +53,7 @@ def load_pretrained(ref: str, auto_class: str, num_labels: int | None = None, dt
             kwargs["ignore_mismatched_sizes"] = _replaces_head(ref, transformers.AutoConfig.from_pretrained(where), num_labels)
         model = getattr(transformers, auto_class).from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelSourceError(f"cannot load model {ref!r}: {_first_line(err)}", "check the model id or directory, and that you are online for hub ids") from None
+        raise ModelSourceError(f"cannot load model {ref!r}: {first_line(err)}", "check the model id or directory, and that you are online for hub ids") from None
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often ship without one; padding is masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
@@ -78,7 +78,8 @@ def _replaces_head(ref: str, config, num_labels: int) -> bool:
     return True
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type when empty), for one-line user errors."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
