@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean
+.PHONY: demo test test-portable install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The numerical and distributed tests again under other CPUs' code paths: ATen's
+# default (no SIMD) and AVX2 kernels, and oneDNN limited to AVX2 (no AVX-512, no
+# bf16/VNNI instructions). Each is its own pytest run; the first failure stops.
+PORTABLE_TESTS := tests/distributed tests/compress/test_kernels.py tests/compress/test_quant_format.py \
+	tests/compress/test_qat.py tests/compress/test_quant_stage.py tests/compress/test_gptq.py \
+	tests/compress/test_awq.py tests/compress/test_quant_embedding.py tests/compress/test_prune_unstructured.py
+test-portable: $(STAMP)
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m 'not slow and not gpu' $(PORTABLE_TESTS)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m 'not slow and not gpu' $(PORTABLE_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -m 'not slow and not gpu' $(PORTABLE_TESTS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
