@@ -17,7 +17,7 @@ from typing import Literal
 from pydantic import Field
 
 from slimtune.artifact import Artifact, disk_size_bytes
-from slimtune.data import load_task_data
+from slimtune.data import check_labels, load_task_data
 from slimtune.export import export_onnx, input_names, onnx_path_of, ort_feed, ort_session
 from slimtune.models import parameter_count
 from slimtune.progress import progress
@@ -42,6 +42,8 @@ def evaluate_artifact(artifact: Artifact, config: EvaluateConfig = EvaluateConfi
     """All measurements of one artifact, as a flat dict (what metrics.json holds)."""
     kind = task_kind(artifact.task.kind)
     data = load_task_data(artifact.task)
+    if kind.name == "classification":  # the head's outputs mean the labels it was trained for
+        check_labels(artifact.labels, data, str(artifact.path or "the artifact"))
     collate = Collator(artifact.tokenizer, artifact.task.max_length, artifact.task.kind)
     examples = data[config.split][: config.max_examples]
     model = artifact.model.eval()

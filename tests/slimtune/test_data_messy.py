@@ -323,6 +323,10 @@ def test_labels_changed_since_training(tmp_path, tiny_bert, caplog, capsys):
     assert main(["eval", str(old), "--no-latency"]) == 2
     err = capsys.readouterr().err
     assert "was trained for labels [0, 1], but its data now has labels [0, 1, 2]" in err and "Traceback" not in err
+    from slimtune.eval import EvaluateConfig, evaluate_artifact
+
+    with pytest.raises(DataError, match=r"trained for labels \[0, 1\]"):  # the Python API checks too
+        evaluate_artifact(slimtune.load(old), EvaluateConfig(latency=False))
     with caplog.at_level(logging.WARNING):
         again = slimtune.run(recipe, out=tmp_path / "run")
     assert not again.stages[0].reused and "made for labels [0, 1]" in caplog.text
