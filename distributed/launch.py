@@ -83,6 +83,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def decided_by_main(decision: bool) -> bool:
+    """Rank 0's ``decision``, on every rank (the value itself when not distributed).
+
+    Decisions read from the file system (is a stage finished and intact?) must
+    be taken once: a rank that looks later can see what rank 0 wrote meanwhile,
+    take the other branch and leave its peers waiting in a collective.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def close_process_group(completed: bool) -> None:
     """Leave the default process group so that this rank's process exits cleanly.
 

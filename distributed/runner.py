@@ -158,7 +158,7 @@ def _stages(recipe: Recipe, labels, run_dir: Path, fresh: bool, strategy, distri
     for i, spec in enumerate(recipe.stages, start=1):
         key = content_key([key, spec.name, spec.resolved()])
         path = run_dir / f"{i:02d}-{spec.name}"
-        if not redo and _finished(path, key, labels, warn=strategy.is_main):
+        if not redo and launch.decided_by_main(strategy.is_main and _finished(path, key, labels)):
             log.info("stage %02d %s: reusing %s", i, spec.name, path)
             records.append(StageRecord(i, spec.name, path, key, True, read_metrics(path)))
             artifact, prev_path = None, path
@@ -285,7 +285,7 @@ def _link_weights(src: Path, dst: Path) -> None:
             shutil.copy2(item, dst / item.name)
 
 
-def _finished(path: Path, key: str, labels: Any = ..., warn: bool = True) -> bool:
+def _finished(path: Path, key: str, labels: Any = ...) -> bool:
     """A finished stage with this key, made for these labels (``...``: any), whose files are intact.
 
     A damaged stage (a file missing, truncated or altered, see
@@ -306,8 +306,7 @@ def _finished(path: Path, key: str, labels: Any = ..., warn: bool = True) -> boo
         if labels is ... or meta.get("labels") == labels:
             return True
         reason = f"{path} was made for labels {meta.get('labels')}, the data now has {labels}"
-    if warn:
-        log.warning("warning: %s; recomputing stage %s and every stage after it", reason, path.name)
+    log.warning("warning: %s; recomputing stage %s and every stage after it", reason, path.name)
     return False
 
 
