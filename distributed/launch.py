@@ -22,6 +22,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -119,6 +121,23 @@ def close_process_group(completed: bool) -> None:
         dist.barrier()
     gc.collect()
     dist.destroy_process_group()
+
+
+@contextmanager
+def process_group(device: torch.device, join: bool = True) -> Iterator[None]:
+    """Join the default process group (when ``join`` and none is up) for the ``with`` body, and leave it
+    as :func:`close_process_group` says: deliberately, after a barrier when the body completed, with the
+    error recorded for torchrun when it raised."""
+    own = join and init_process_group(device)
+    try:
+        yield
+    except BaseException as err:
+        if own:
+            record_failure(err)
+            close_process_group(completed=False)
+        raise
+    if own:
+        close_process_group(completed=True)
 
 
 def record_failure(err: BaseException) -> None:

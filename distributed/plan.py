@@ -816,14 +816,10 @@ def _measure_worker(recipe: Recipe, steps: int, measure_out: str | None, report:
     from slimtune.stage import device_of
 
     device = launch.worker_device(device_of(recipe.train))
-    own = launch.init_process_group(device)
-    try:
+    with launch.process_group(device):  # left deliberately: FSDP2's state cycles must not outlive the group
         result = measure(recipe, build_strategy(recipe.distributed, device, recipe.train.precision), steps)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, asdict(result))
-    finally:
-        if own:
-            dist.destroy_process_group()
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     if measure_out:

@@ -131,24 +131,14 @@ def _execute(recipe: Recipe, labels: list | None, run_dir: Path, fresh: bool, de
     fresh = fresh and launch.restart_count() == 0  # a restarted rank resumes instead
     if recipe.train.num_threads:
         torch.set_num_threads(recipe.train.num_threads)
-    own_group = False
     if distributed:
         device = launch.worker_device(device)
-        own_group = launch.init_process_group(device)
-    try:
+    with launch.process_group(device, join=distributed):
         strategy = build_strategy(recipe.distributed, device, recipe.train.precision) if distributed else SingleDevice(device)
         if strategy.is_main:
             _prepare_run_dir(run_dir, recipe, fresh)
         launch.barrier()
-        result = _stages(recipe, labels, run_dir, fresh, strategy, distributed)
-    except BaseException as err:
-        if own_group:
-            launch.record_failure(err)
-            launch.close_process_group(completed=False)
-        raise
-    if own_group:
-        launch.close_process_group(completed=True)
-    return result
+        return _stages(recipe, labels, run_dir, fresh, strategy, distributed)
 
 
 def _stages(recipe: Recipe, labels, run_dir: Path, fresh: bool, strategy, distributed: bool) -> RunResult:

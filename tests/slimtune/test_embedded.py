@@ -68,11 +68,12 @@ def test_minilm_sentiment_recipe_runs_end_to_end_on_a_subset(tmp_path):
     assert type(art.model.bert.embeddings.word_embeddings).__name__ == "QuantEmbedding"
 
 
-# BENCHMARKS.md, "Compression I" (SmolLM2, 128 held-out IMDB reviews at 256 tokens, 16 calibration batches of 8):
-# dense 45.90, magnitude 50% 532.05, Wanda 50% 97.55 (0.18x magnitude, 2.13x dense). The test below runs 8 reviews
-# at 64 tokens with one calibration batch, so it asks less than those ratios: Wanda under half of magnitude's
-# perplexity, and within 4x of dense (one run here, with the sequential Wanda of this issue: dense 63.31, Wanda
-# 133.53, magnitude 611.71, i.e. 0.22x and 2.11x). Margins to re-derive when BENCHMARKS.md is re-measured.
+# BENCHMARKS.md, "Quality of INT4 and pruning after issue 12" (SmolLM2, 128 held-out IMDB reviews at 256 tokens,
+# 16 calibration batches of 8): dense 45.90, magnitude 50% 532.05, sequential Wanda 50% 98.71 (0.19x magnitude,
+# 2.15x dense). The test below runs 8 reviews at 64 tokens with one calibration batch; measured on its own setting
+# (2026-12-02): dense 63.31, Wanda 133.53, magnitude 611.71, i.e. 0.22x and 2.11x. The margins leave room for a
+# weaker calibration on other data while failing if Wanda degrades towards magnitude: Wanda under half of
+# magnitude's perplexity, and within 4x of dense.
 WANDA_OVER_MAGNITUDE_MAX = 0.5
 WANDA_OVER_DENSE_MAX = 4.0
 
@@ -102,13 +103,14 @@ def test_smollm2_wanda_recipe_prunes_half_of_the_block_weights_and_beats_magnitu
     assert wanda < WANDA_OVER_MAGNITUDE_MAX * ppl["magnitude"], ppl
 
 
-# BENCHMARKS.md, "Compression II" (SmolLM2, 128 held-out IMDB reviews at 256 tokens, 16 calibration batches of 8),
-# measured before issue 12 (symmetric 4-bit grid max|w|/7, no true-sequential GPTQ): fp32 45.90, INT4 g128 RTN 81.99
-# (1.79x fp32), GPTQ 55.28 (1.20x fp32, 0.67x RTN). The test below evaluates 8 reviews at 64 tokens and calibrates
-# on 16, a weaker calibration than the benchmark's, so it asks less than those ratios: GPTQ within 1.35x of fp32's
-# perplexity and under 0.9x of RTN's. Margins to re-derive when BENCHMARKS.md is re-measured after issue 12.
+# BENCHMARKS.md, "Quality of INT4 and pruning after issue 12" (SmolLM2, 128 held-out IMDB reviews at 256 tokens,
+# 16 calibration batches of 8): fp32 45.90, INT4 g128 RTN 62.03 (1.35x fp32), GPTQ 53.03 (1.16x fp32, 0.85x RTN).
+# The test below evaluates 8 reviews at 64 tokens and calibrates on 16; measured on its own setting (2026-12-02):
+# fp32 63.31, RTN 89.45, GPTQ 79.70, i.e. GPTQ 1.26x fp32 and 0.89x RTN. The margins sit ~6-7% above those
+# ratios (room for CPU-dependent rounding in the Hessian's Cholesky factor and a few flipped codes), and fail if
+# GPTQ falls back towards RTN (1.41x fp32 here) or the quantization breaks.
 GPTQ_OVER_FP32_MAX = 1.35
-GPTQ_OVER_RTN_MAX = 0.9
+GPTQ_OVER_RTN_MAX = 0.95
 
 
 def test_smollm2_int4_gptq_recipe_quantizes_every_block_linear_close_to_fp32_and_below_rtn(tmp_path):
