@@ -12,6 +12,18 @@ must agree on the resulting model, which is checked), measuring/exporting
 stages on rank 0 only; rank 0 alone writes, the others read its output.
 Training checkpoints live in ``<run>/.checkpoints/`` until their stage is
 finished, so a restarted (or re-run) job resumes mid-stage.
+
+A run directory belongs to the recipe *name* in its ``recipe.yaml``. Before
+anything is written (and before torchrun is launched) :func:`check_out_dir`
+refuses a directory another recipe owns, naming it and its finished stages;
+with ``fresh=True`` that run is replaced on purpose: its stage directories and
+report are deleted before the first stage runs, so the directory never mixes
+two recipes' stages. A directory with finished stages but no readable
+``recipe.yaml`` (the runner writes it before any stage, so only a hand-deleted
+or copied one lacks it) has an unknown owner and is treated the same way.
+Re-running the same name, even edited, resumes as above. A non-empty directory
+that is not a run, and a path in or under an artifact directory (one holding
+``slimtune.json``) or at a stage's place in another run, are always refused.
 """
 
 from __future__ import annotations
@@ -38,16 +50,19 @@ from slimtune.models import load_pretrained, resolve_model_dir
 from slimtune.distributed import launch
 from slimtune.distributed.strategy import SingleDevice, build_strategy
 from slimtune.distributed.trainer import seed_everything
-from slimtune.errors import ArtifactError, RecipeError, RunFailed
+from slimtune.errors import ArtifactError, RecipeError, RunFailed, SlimTuneError
 from slimtune.progress import quiet
 from slimtune.recipe import Recipe, content_key, load_recipe
 from slimtune.registry import get_stage
-from slimtune.stage import StageContext, device_of
+from slimtune.stage import StageContext, device_of, reconcile
 from slimtune.tasks import task_kind
 
 log = logging.getLogger(__name__)
 STAGE_DIR = re.compile(r"^(\d{2})-([\w.-]+)$")
 CHECKPOINTS = ".checkpoints"  # training checkpoints of unfinished stages; survives a killed run
+RECIPE_FILE = "recipe.yaml"
+RECIPE_TMP = ".recipe.yaml.tmp"
+REPORT_FILE = "report.md"  # written into the run directory by `slimtune run` (eval.report)
 
 
 @dataclass
@@ -80,7 +95,8 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
         recipe: a shipped recipe name, a YAML path, or a validated Recipe.
         overrides: ``{"train.lr": 3e-5, ...}`` applied before validation.
         out: the run directory (default ``runs/<recipe name>``).
-        fresh: recompute every stage even if a finished one matches.
+        fresh: recompute every stage even if a finished one matches, and
+            replace a run of another recipe that occupies ``out``.
         node_rank, rdzv_endpoint: this machine's rank and machine 0's
             ``HOST:PORT`` when ``distributed.nnodes`` > 1.
 
@@ -88,16 +104,19 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
     (see :mod:`slimtune.distributed.launch`) and this call waits for it.
 
     Raises:
-        SlimTuneError: bad recipe, model, data or launch; nothing is written then.
+        SlimTuneError: bad recipe, model, data or launch, or an ``out`` that
+            another recipe's run (or anything but a run) occupies, see
+            :func:`check_out_dir`; nothing is written then.
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, overrides)
     # Check everything the user can get wrong before writing anything.
+    run_dir = Path(out) if out else Path("runs") / recipe.name
+    check_out_dir(run_dir, recipe, fresh)  # torchrun ranks pass: their launcher wrote this recipe's name there
     resolve_model_dir(recipe.model)
     data = load_task_data(recipe.task)
     device = device_of(recipe.train)
     check_runtime(recipe, device)
-    run_dir = Path(out) if out else Path("runs") / recipe.name
     config = recipe.distributed
     if config.world_size > 1 and not launch.in_torchrun():
         launch.check_launch(config.nproc, config.nnodes, device, node_rank, rdzv_endpoint)
@@ -187,8 +206,9 @@ def _collect(recipe: Recipe, run_dir: Path) -> RunResult:
     for i, spec in enumerate(recipe.stages, start=1):
         key = content_key([key, spec.name, spec.resolved()])
         path = run_dir / f"{i:02d}-{spec.name}"
-        if not _finished(path, key):
-            raise RunFailed(f"stage {i:02d} {spec.name} did not finish", "re-run to resume")
+        reason = _unfinished(path, key)
+        if reason is not None:
+            raise RunFailed(f"stage {i:02d} {spec.name} did not finish" + (f": {reason}" if reason else ""), "re-run to resume")
         records.append(StageRecord(i, spec.name, path, key, False, read_metrics(path)))
     return RunResult(recipe, run_dir, records)
 
@@ -205,11 +225,97 @@ def _check_agreement(artifact: Artifact, stage: str) -> None:
         raise RuntimeError(f"stage {stage}: the ranks ended with different models ({digests})")
 
 
+def check_out_dir(run_dir: Path, recipe: Recipe, fresh: bool) -> None:
+    """Refuse a run directory that is not ``recipe``'s to write (see the module docstring).
+
+    Raises:
+        SlimTuneError: ``run_dir`` is a file; is or lies in an artifact
+            directory or at a stage's place in another run; is a non-empty
+            directory that is no run; or holds another recipe's run, or
+            finished stages of an unknown one, and ``fresh`` is false.
+    """
+    _check_placement(run_dir)
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise SlimTuneError(f"--out {run_dir} is a file, not a directory", "choose a new or empty directory for --out")
+    owner = _owner(run_dir)
+    if owner == recipe.name:
+        return  # this recipe's run: resume it
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != RECIPE_TMP and not _is_temporary(p.name))
+    if not entries:
+        return
+    stages = _stage_dirs(run_dir)
+    foreign = [name for name in entries if not _run_content(name)]
+    if not stages and (owner is None or foreign):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise SlimTuneError(f"--out {run_dir} is a non-empty directory that is not a SlimTune run directory (it holds {shown})",
+                            f"choose a new or empty directory for --out (the default is runs/{recipe.name}); "
+                            "--fresh replaces only run directories")
+    if fresh:
+        return  # replaced by _prepare_run_dir
+    finished = ", ".join(stages) if stages else "none"
+    whose = f"the run of recipe {owner!r}" if owner else "a run whose recipe.yaml is missing or names no recipe"
+    raise SlimTuneError(f"--out {run_dir} holds {whose} (finished stages: {finished}); running recipe {recipe.name!r} there "
+                        "would delete them",
+                        f"choose another --out (the default is runs/{recipe.name}), or add --fresh to replace that run on purpose "
+                        "(its stages are deleted)")
+
+
+def _check_placement(run_dir: Path) -> None:
+    """Refuse a run written into an artifact, or where another run's stage or checkpoints go."""
+    path = run_dir.resolve()
+    for parent in (path, *path.parents):
+        if os.path.isfile(parent / META_FILE):
+            where = "is an artifact directory" if parent == path else f"lies inside the artifact directory {parent}"
+            raise SlimTuneError(f"--out {run_dir} {where} (it holds {META_FILE}); "
+                                "a run there would write into the artifact",
+                                "choose an --out outside every artifact and stage directory, e.g. runs/<name>")
+    for parent in path.parents:
+        child = path.relative_to(parent).parts[0]
+        owner = _owner(parent) if STAGE_DIR.match(child) or child == CHECKPOINTS or _is_temporary(child) else None
+        if owner is not None:
+            where = "is" if parent / child == path else f"lies in {parent / child}, which is"
+            raise SlimTuneError(f"--out {run_dir} {where} where the run directory {parent} (recipe {owner!r}) keeps a stage "
+                                "or its checkpoints; re-running that recipe would replace or delete it",
+                                f"choose an --out outside {parent}, or a sub-directory of it not named like a stage (NN-name)")
+
+
+def _owner(run_dir: Path) -> str | None:
+    """The recipe name in ``run_dir/recipe.yaml``; None if it is missing, unreadable or names none."""
+    if not os.path.isfile(run_dir / RECIPE_FILE):
+        return None
+    try:
+        raw = yaml.safe_load((run_dir / RECIPE_FILE).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return name if isinstance(name, str) and name else None
+
+
+def _stage_dirs(run_dir: Path) -> list[str]:
+    """Names of the stage directories in ``run_dir`` that hold an artifact, in order."""
+    return sorted(p.name for p in run_dir.iterdir() if STAGE_DIR.match(p.name) and os.path.isfile(p / META_FILE))
+
+
+def _run_content(name: str) -> bool:
+    """Whether a run writes an entry of this name into its directory."""
+    return name in (RECIPE_FILE, RECIPE_TMP, REPORT_FILE, CHECKPOINTS) or bool(STAGE_DIR.match(name)) or _is_temporary(name)
+
+
+def _is_temporary(name: str) -> bool:
+    """A hidden ``.NN-stage.tmp-PID`` or ``.NN-stage.old-PID`` directory of a (killed) run."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
 def _prepare_run_dir(run_dir: Path, recipe: Recipe, fresh: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     _remove_temporaries(run_dir)
     if fresh:
         shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+        if _owner(run_dir) != recipe.name:  # check_out_dir allowed replacing another recipe's run
+            _remove_stale(run_dir, set())
+            (run_dir / REPORT_FILE).unlink(missing_ok=True)
     _write_recipe(run_dir, recipe)
 
 
@@ -239,6 +345,8 @@ def _run_stage(recipe: Recipe, spec, stage, artifact: Artifact, path: Path, key:
         ctx = StageContext(artifact=artifact, train=recipe.train, out_dir=tmp, recipe=recipe, strategy=strategy, checkpoint_dir=checkpoints)
         result = stage.run(ctx, spec.config)
         out = result.artifact
+        for note in reconcile(out, f"stage {path.name}"):  # records this stage invalidated: recomputed or dropped
+            log.warning("warning: %s", note)
         out.lineage = out.lineage + [{"stage": spec.name, "config": spec.resolved(), "key": key}]
         # world_size: the processes the job really ran on (checked by compare_strategies).
         metrics = {**result.metrics, "world_size": strategy.world_size, "seconds": round(time.perf_counter() - started, 2)}
@@ -282,39 +390,48 @@ def _finished(path: Path, key: str, labels: Any = ...) -> bool:
     :func:`slimtune.artifact.verify`) or one made for other labels is not
     finished: it is recomputed, with a warning saying why.
     """
+    reason = _unfinished(path, key, labels)
+    if reason:
+        log.warning("warning: %s; recomputing stage %s and every stage after it", reason, path.name)
+    return reason is None
+
+
+def _unfinished(path: Path, key: str, labels: Any = ...) -> str | None:
+    """Why ``path`` is not a finished stage (see :func:`_finished`); None if it is.
+
+    The reason is ``""`` when the stage is simply absent or made with another
+    key (nothing to warn about), else it says what is damaged or different.
+    """
     if not (path / META_FILE).is_file():
-        return False
+        return ""
     try:
         meta = read_meta(path)
         lineage = meta.get("lineage", [])
         if not lineage or lineage[-1].get("key") != key:
-            return False
+            return ""
         verify(path, meta)
     except ArtifactError as err:
-        reason = err.message
-    else:
-        if labels is ... or meta.get("labels") == labels:
-            return True
-        reason = f"{path} was made for labels {meta.get('labels')}, the data now has {labels}"
-    log.warning("warning: %s; recomputing stage %s and every stage after it", reason, path.name)
-    return False
+        return err.message
+    if labels is ... or meta.get("labels") == labels:
+        return None
+    return f"{path} was made for labels {meta.get('labels')}, the data now has {labels}"
 
 
 def _write_recipe(run_dir: Path, recipe: Recipe) -> None:
-    tmp = run_dir / ".recipe.yaml.tmp"
+    tmp = run_dir / RECIPE_TMP
     tmp.write_text(yaml.safe_dump(recipe.resolved(), sort_keys=False))
-    os.replace(tmp, run_dir / "recipe.yaml")
+    os.replace(tmp, run_dir / RECIPE_FILE)
 
 
 def _remove_temporaries(run_dir: Path) -> None:
     """Leftovers of a killed run: hidden ``.NN-stage.tmp-PID`` directories."""
     for item in run_dir.iterdir():
-        if item.name.startswith(".") and (".tmp-" in item.name or ".old-" in item.name):
+        if _is_temporary(item.name):
             shutil.rmtree(item, ignore_errors=True)
 
 
 def _remove_stale(run_dir: Path, current: set[str]) -> None:
-    """Stage directories the edited recipe no longer has."""
-    for item in run_dir.iterdir():
-        if STAGE_DIR.match(item.name) and item.is_dir() and item.name not in current:
-            shutil.rmtree(item)
+    """Stage directories (those holding an artifact) that the edited recipe no longer has."""
+    for name in _stage_dirs(run_dir):
+        if name not in current:
+            shutil.rmtree(run_dir / name)
