@@ -36,7 +36,7 @@ from slimtune.errors import RecipeError, SlimTuneError
 from slimtune.models import parameter_count
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
-from slimtune.stage import StageContext, StageResult
+from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
 from slimtune.compress import arch
 from slimtune.compress.recover import RecoverConfig, frozen_copy, recover
 
@@ -110,9 +110,13 @@ def _first_difference(a: list[tuple], b: list[tuple]) -> str:
 
 # --- model surgery ---------------------------------------------------------------
 
-def _set(module: nn.Module, path: str, value: nn.Parameter) -> None:
+def _set(module: nn.Module, path: str, value: torch.Tensor) -> None:
     parent, _, name = path.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, name, value)
+    owner = module.get_submodule(parent) if parent else module
+    if isinstance(value, nn.Parameter) or name not in owner._buffers:
+        setattr(owner, name, value)
+    else:
+        owner._buffers[name] = value
 
 
 @torch.no_grad()
@@ -163,19 +167,48 @@ def share_layers_(model: nn.Module, groups: list[list[int]] | None = None, every
 
 
 def sharing_intact(model: nn.Module, groups: list[list[int]]) -> bool:
-    """True when every parameter of every group's members is one object."""
+    """True when every parameter (and packed buffer) of every group's members is one object."""
     blocks = arch.layers(model)
+    if any(i >= len(blocks) for group in groups for i in group):
+        return False
     for group in groups:
-        lead = dict(blocks[group[0]].named_parameters(remove_duplicate=False))
+        lead = _tied(blocks[group[0]])
         for i in group[1:]:
-            if any(p is not lead[n] for n, p in blocks[i].named_parameters(remove_duplicate=False)):
+            other = _tied(blocks[i])
+            if other.keys() != lead.keys() or any(t is not lead[n] for n, t in other.items()):
+                return False
+    return True
+
+
+def _tied(block: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors sharing ties: parameters, and the buffers of packed (quantized) modules.
+
+    Plain buffers (e.g. BERT's position ids) are copied, not tied, by :func:`share_layers_`.
+    """
+    tensors = dict(block.named_parameters(remove_duplicate=False))
+    for name, module in block.named_modules(remove_duplicate=False):
+        if hasattr(module, "shared_copy"):
+            tensors.update((f"{name}.{n}" if name else n, b) for n, b in module.named_buffers(recurse=False) if b is not None)
+    return tensors
+
+
+def sharing_holds_in_values(model: nn.Module, groups: list[list[int]]) -> bool:
+    """True when every group's members hold equal values (so re-tying changes nothing)."""
+    blocks = arch.layers(model)
+    if any(i >= len(blocks) for group in groups for i in group):
+        return False
+    for group in groups:
+        lead = _tied(blocks[group[0]])
+        for i in group[1:]:
+            other = _tied(blocks[i])
+            if other.keys() != lead.keys() or any(t.shape != lead[n].shape or not torch.equal(t, lead[n]) for n, t in other.items()):
                 return False
     return True
 
 
 @torch.no_grad()
 def retie_(model: nn.Module, groups: list[list[int]]) -> None:
-    """Make the members of each group share their first member's parameters again.
+    """Make the members of each group share their first member's parameters (and packed buffers) again.
 
     For a model whose sharing a wrapper or copy lost although the values
     stayed equal (training a shared parameter updates all its uses alike).
@@ -185,12 +218,12 @@ def retie_(model: nn.Module, groups: list[list[int]]) -> None:
     """
     blocks = arch.layers(model)
     for group in groups:
-        for name, param in list(blocks[group[0]].named_parameters(remove_duplicate=False)):
-            for i in group[1:]:
-                other = blocks[i].get_parameter(name)
-                if other is not param and not torch.equal(other, param):
+        lead = _tied(blocks[group[0]])
+        for i in group[1:]:
+            for name, other in _tied(blocks[i]).items():
+                if other is not lead[name] and not torch.equal(other, lead[name]):
                     raise RuntimeError(f"layers {group[0]} and {i} diverged in {name}; their sharing was lost during training")
-                _set(blocks[i], name, param)
+                _set(blocks[i], name, lead[name])
 
 
 # --- the recipe stage ----------------------------------------------------------------
@@ -234,6 +267,23 @@ class Share:
     changes_model = True
     main_process_only = False
     Config = ShareConfig
+
+    @staticmethod
+    def compose(config: ShareConfig, state: ModelState, this: str) -> ModelState:
+        """Needs float layers of one shape, and the layers it names."""
+        if state.quantized:
+            raise CompositionError(f"{this} averages float weights, but {state.quantized} quantized them", "put share before quantize")
+        if state.uneven:
+            raise CompositionError(f"{this} needs layers of one shape, but {state.uneven} removed heads or FFN neurons "
+                                   "layer by layer", "share before pruning with method structured is refused too: "
+                                   "prune whole layers only (layers: N), or leave out one of the two")
+        if state.layers is not None:
+            named = [i for g in config.groups for i in g] if config.groups else []
+            beyond = [i for i in named if i >= state.layers]
+            if beyond or (config.every or 0) > state.layers:
+                what = f"layers {beyond} do not exist" if beyond else f"every: {config.every} is more than the model's layers"
+                raise CompositionError(f"{this}: {what}; the model entering it has {state.layers} layers", "name existing layers")
+        return state.but(shared=this)
 
     def run(self, ctx: StageContext, config: ShareConfig) -> StageResult:
         art = ctx.artifact

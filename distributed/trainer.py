@@ -40,7 +40,7 @@ from slimtune.distributed.modules import enable_activation_checkpointing
 from slimtune.distributed.strategy import SingleDevice
 from slimtune.progress import progress
 from slimtune.recipe import TrainConfig
-from slimtune.stage import device_of
+from slimtune.stage import device_of, keepers
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,17 @@ class Trainer:
     @classmethod
     def for_stage(cls, ctx, model: nn.Module, loss_fn: LossFn, eval_fn: EvalFn | None = None, metric: str | None = None,
                   higher_is_better: bool = True, collate=None, after_step: Callable[[nn.Module], None] | None = None) -> "Trainer":
-        """A Trainer wired to a stage's context: its training config, strategy and checkpoint directory."""
+        """A Trainer wired to a stage's context: its training config, strategy and checkpoint directory.
+
+        Training the artifact's own model keeps its compression properties
+        (e.g. pruned weights stay zero) through :func:`slimtune.stage.keepers`,
+        before the stage's own ``after_step``.
+        """
         strategy = ctx.strategy or SingleDevice(device_of(ctx.train))
         ctx.strategy = strategy
+        hooks = keepers(ctx.artifact, model) + ([after_step] if after_step is not None else [])
         return cls(model, loss_fn, ctx.train, strategy, collate or ctx.collator(), eval_fn, metric, higher_is_better,
-                   ctx.checkpoint_dir, after_step)
+                   ctx.checkpoint_dir, _chain(hooks))
 
     def trained_model(self) -> nn.Module:
         """The trained model as a plain CPU module with full tensors (on every rank)."""
@@ -299,3 +305,17 @@ def _maybe_fail(step: int, rank: int) -> None:
     if step == fail_step and rank == fail_rank:
         log.warning("%s: killing rank %d after step %d", FAIL_AT, rank, step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _chain(hooks: list[Callable[[nn.Module], None]]) -> Callable[[nn.Module], None] | None:
+    """One ``after_step`` calling each hook in turn (None when there is none)."""
+    if not hooks:
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def chained(model: nn.Module) -> None:
+        for hook in hooks:
+            hook(model)
+
+    return chained

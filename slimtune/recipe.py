@@ -310,9 +310,14 @@ def validate(raw: dict, source: str = "<recipe>", node: yaml.Node | None = None,
         except ValidationError as err:
             raise RecipeError(_explain(err, source, node, ("stages", i, name), cls.Config, overridden)) from None
     try:
-        return Recipe.model_validate({**raw, "stages": specs})
+        recipe = Recipe.model_validate({**raw, "stages": specs})
     except ValidationError as err:
         raise RecipeError(_explain(err, source, node, (), Recipe, overridden)) from None
+    from slimtune.stage import compose_stages, initial_state
+
+    # Each stage can take what the stages before it leave (float linears, unshared weights, ...).
+    compose_stages(recipe.stages, initial_state(recipe.model), where=lambda i: _where(source, node, ("stages", i)))
+    return recipe
 
 
 def _explain(err: ValidationError, source: str, node, prefix: tuple, model: type[BaseModel], overridden: set[str]) -> str:

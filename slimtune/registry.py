@@ -6,7 +6,10 @@ The core owns three tables and never imports algorithm code to fill them:
   ``compress``, ``delta``, ``prompt`` register theirs on import);
 * module types: name -> ``nn.Module`` class an artifact may contain in place of
   an original layer (e.g. a quantized linear), rebuilt on load;
-* ONNX lowerings: torch op -> onnxscript function, handed to the exporter.
+* ONNX lowerings: torch op -> onnxscript function, handed to the exporter;
+* invariants: compression record key (``"prune"``, ``"share"``, ...) -> what
+  keeps that property through later training and re-checks it after every
+  stage (:func:`slimtune.stage.reconcile`).
 
 The top-level package installs a loader (``set_loader``) that imports those
 packages on first need, so the tables are full after a plain ``import slimtune``.
@@ -23,6 +26,7 @@ T = TypeVar("T")
 STAGES: dict[str, type] = {}
 MODULE_TYPES: dict[str, type] = {}
 ONNX_LOWERINGS: dict[Any, Callable] = {}
+INVARIANTS: dict[str, "Invariant"] = {}
 _loader: Callable[[], None] | None = None
 
 
@@ -59,6 +63,31 @@ def register_module_type(cls: type[T]) -> type[T]:
 def register_onnx_lowering(op: Any, fn: Callable) -> None:
     """Export torch op ``op`` to ONNX with the onnxscript function ``fn``."""
     ONNX_LOWERINGS[op] = fn
+
+
+class Invariant:
+    """What a compression record promises about the model, kept and re-checked by later stages.
+
+    Subclasses override either method:
+
+    * ``keep(model, record)``: a ``model -> None`` hook a training stage calls
+      after every optimizer step to keep the property (e.g. re-zero pruned
+      weights), or None.
+    * ``check(model, record)``: ``(record, message)`` after a stage ran: the record
+      as it still holds (recomputed from the model), or None when the
+      property is gone; ``message`` tells the user what changed (None: nothing did).
+    """
+
+    def keep(self, model, record: dict) -> Callable | None:
+        return None
+
+    def check(self, model, record: dict) -> tuple[dict | None, str | None]:
+        return record, None
+
+
+def register_invariant(key: str, invariant: Invariant) -> None:
+    """Keep and re-check ``compression[key]`` records with ``invariant``."""
+    INVARIANTS[key] = invariant
 
 
 def get_stage(name: str) -> type:

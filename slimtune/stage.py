@@ -8,11 +8,18 @@ instead of writing them again. Under several processes every rank runs every
 stage (training is collective), except stages that set
 ``main_process_only = True`` (measuring, exporting), which run on rank 0
 while the others wait.
+
+Stages that change the model also say, at validation, what they need from
+the model they receive and what they leave: ``compose(config, state) ->
+state`` on :class:`ModelState` (quantized? layers sharing weights? sparse?
+blocks of unequal widths? how many blocks?), raising :class:`CompositionError`
+for an order or option they cannot take, so a bad chain is refused before
+anything is written. A stage without ``compose`` passes the state through.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -20,6 +27,7 @@ import torch
 
 from slimtune.artifact import Artifact
 from slimtune.data import TaskData, load_task_data
+from slimtune.errors import RecipeError
 from slimtune.recipe import Recipe, Strict, TrainConfig
 from slimtune.tasks import Collator, task_kind
 
@@ -82,6 +90,111 @@ def device_of(config: TrainConfig) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(config.device)
+
+
+class CompositionError(RecipeError):
+    """A stage cannot take the model an earlier stage of the recipe leaves (found at validation)."""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What recipe validation knows of the model entering a stage.
+
+    Each flag names the earlier stage that caused it, as ``"stages[2] quantize"``
+    (None: not so), so a refusal can say which stage is in the way.
+
+    Attributes:
+        quantized: linears were swapped for packed quantized modules.
+        shared: transformer blocks share weights (cross-layer sharing).
+        sparse: the weights carry pruning's zeros (unstructured or N:M).
+        uneven: structured pruning removed heads or FFN neurons, so blocks may differ in width.
+        layers: transformer blocks (None: unknown, e.g. before the model is read).
+    """
+
+    quantized: str | None = None
+    shared: str | None = None
+    sparse: str | None = None
+    uneven: str | None = None
+    layers: int | None = None
+
+    def but(self, **changes) -> "ModelState":
+        return replace(self, **changes)
+
+
+def compose_stages(stages: list, state: ModelState, where=lambda i: f"stages[{i}]") -> ModelState:
+    """Walk validated stage specs through their ``compose``; returns the final state.
+
+    Args:
+        where: stage index -> where it is written (``recipe.yaml:12``), prefixed to a refusal.
+
+    Raises:
+        CompositionError: naming the stage, the earlier stage in the way, and the fix.
+    """
+    from slimtune.registry import get_stage
+
+    for i, spec in enumerate(stages):
+        compose = getattr(get_stage(spec.name), "compose", None)
+        if compose is not None:
+            try:
+                state = compose(spec.config, state, f"stages[{i}] {spec.name}")
+            except CompositionError as err:
+                raise CompositionError(f"{where(i)}: {err.message}", err.hint) from None
+    return state
+
+
+def initial_state(model: str) -> ModelState:
+    """The state of the recipe's source model: float, unshared, dense; its block count if its config is at hand."""
+    import json
+
+    from slimtune.assets import cache_dir
+    from slimtune.models import resolve_model_dir
+
+    try:
+        path = Path(cache_dir() / "smollm2-135m-instruct" if model == "embedded:smollm2" else resolve_model_dir(model))
+        config = json.loads((path / "config.json").read_text())
+    except Exception:  # unknown, not yet converted, or a hub id: the runner reports a bad model itself
+        return ModelState()
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    return ModelState(layers=layers if isinstance(layers, int) else None)
+
+
+def keepers(artifact: Artifact, model) -> list:
+    """The ``after_step`` hooks that keep ``artifact``'s compression properties while ``model`` trains.
+
+    Only when ``model`` is the artifact's own model: a new student (``distill``)
+    starts without them.
+    """
+    from slimtune.registry import INVARIANTS, ensure_loaded
+
+    if artifact is None or model is not artifact.model or not artifact.compression:
+        return []
+    ensure_loaded()
+    hooks = [INVARIANTS[key].keep(model, record) for key, record in artifact.compression.items() if key in INVARIANTS]
+    return [h for h in hooks if h is not None]
+
+
+def reconcile(artifact: Artifact, stage: str) -> list[str]:
+    """Re-check every compression record against the model a stage left; returns the warnings.
+
+    A record a stage invalidated is recomputed or dropped (see
+    :class:`slimtune.registry.Invariant`), and the user is told, e.g. that
+    ``share: {init: mean}`` averaged differently pruned layers.
+    """
+    from slimtune.registry import INVARIANTS, ensure_loaded
+
+    ensure_loaded()
+    notes = []
+    for key in list(artifact.compression):
+        if key not in INVARIANTS:
+            continue
+        record, message = INVARIANTS[key].check(artifact.model, artifact.compression[key])
+        if record is None:
+            del artifact.compression[key]
+        else:
+            artifact.compression[key] = record
+        if message:
+            notes.append(f"{stage}: {message}")
+    return notes
 
 
 class Stage(Protocol):

@@ -48,9 +48,15 @@ class Collator:
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc:
             batch["token_type_ids"] = enc["token_type_ids"]
-        if "label" in examples[0]:
-            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        key = label_key(examples[0])
+        if key is not None:
+            batch["labels"] = torch.tensor([e[key] for e in examples])
         return batch
+
+
+def label_key(example: dict) -> str | None:
+    """Which key of an example holds its label: ``label`` (SlimTune's loaders), ``labels`` (Hugging Face's convention), or None."""
+    return next((k for k in ("label", "labels") if k in example), None)
 
 
 def model_inputs(batch: Batch) -> Batch:

@@ -72,13 +72,13 @@ def write_bert(path: Path, seed: int = 0, num_layers: int = 2, dropout: float = 
     return path
 
 
-def write_llama(path: Path, bert_dir: Path) -> Path:
+def write_llama(path: Path, bert_dir: Path, num_layers: int = 2) -> Path:
     """A tiny random Llama sharing the BERT fixture's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(bert_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

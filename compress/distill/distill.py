@@ -34,7 +34,7 @@ from slimtune.compress.distill.student import StudentSpec, _recipe_error, build_
 from slimtune.errors import RecipeError
 from slimtune.recipe import TrainConfig
 from slimtune.stage import device_of
-from slimtune.tasks import task_kind
+from slimtune.tasks import label_key, task_kind
 from slimtune.distributed.strategy import SingleDevice
 from slimtune.distributed.trainer import Trainer, TrainResult, seed_everything
 
@@ -159,7 +159,7 @@ def distill(teacher: nn.Module, student: nn.Module | StudentSpec | dict, example
         student: a model, or a student spec (``{"layers": [0, 2]}``, ``{"first": 3}``,
             ``{"layers": "every_other"}``, ``{"hidden_size": 64, "num_heads": 2, ...}``)
             built from the teacher by :func:`~slimtune.compress.distill.student.build_student`.
-        examples: training examples (``{"text": ..., "label": ...}``; labels optional).
+        examples: training examples (``{"text": ..., "label": ...}``, or ``"labels"`` as in Hugging Face datasets; labels optional).
         collate: list of examples -> batch of tensors (e.g. :class:`slimtune.tasks.Collator`).
         kind: the task kind name or object (its loss is the ``hard`` loss).
         config: a :class:`DistillConfig`; or give its fields as keyword ``options``
@@ -182,7 +182,7 @@ def distill(teacher: nn.Module, student: nn.Module | StudentSpec | dict, example
     seed_everything(train.seed)
     if not isinstance(student, nn.Module):
         student = build_student(teacher, student)
-    setup = prepare_distillation(teacher, student, kind, config, labelled=bool(examples) and "label" in examples[0])
+    setup = prepare_distillation(teacher, student, kind, config, labelled=bool(examples) and label_key(examples[0]) is not None)
     trainer = Trainer(setup.model, setup.objective, train, strategy, setup.collate(collate), eval_fn, metric, higher_is_better)
     setup.objective.to(strategy.device)
     result = trainer.fit(setup.examples(examples), epochs, lr=lr, max_steps=max_steps)

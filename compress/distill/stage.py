@@ -30,7 +30,7 @@ from slimtune.compress.distill.student import StudentSpec, build_student, descri
 from slimtune.errors import RecipeError
 from slimtune.models import parameter_count
 from slimtune.registry import register_stage
-from slimtune.stage import StageContext, StageResult
+from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
 from slimtune.distributed.trainer import Trainer, seed_everything, stage_metrics, task_eval_fn
 
 
@@ -46,6 +46,28 @@ class Distill:
         lr: float | None = Field(None, gt=0, description="overrides train.lr for this stage")
         max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
         eval_split: Literal["validation", "test", "none"] = "validation"
+
+    @staticmethod
+    def compose(config: Config, state: ModelState, this: str) -> ModelState:
+        """A student from the teacher's layers needs float layers that exist; a new student starts afresh."""
+        spec = config.student
+        if not spec.from_teacher_layers:
+            return ModelState(layers=spec.num_layers or state.layers)
+        if state.quantized:
+            raise CompositionError(f"{this} builds its student from the teacher's layers, but {state.quantized} quantized them",
+                                   "distill before quantize, or give the student a narrower config of its own "
+                                   "(student: {num_layers: N, hidden_size: H})")
+        if spec.first is not None:
+            named, kept = list(range(spec.first)), spec.first
+        elif spec.layers == "every_other":
+            named, kept = [], None if state.layers is None else -(-state.layers // 2)
+        else:
+            named, kept = list(spec.layers), len(spec.layers)
+        if state.layers is not None and any(i >= state.layers for i in named):
+            raise CompositionError(f"{this}: the student keeps layers {named}, but the model entering it has {state.layers} "
+                                   f"layers (0..{state.layers - 1})", "keep existing layers")
+        # The student is trained densely (no pruning kept) and keeps the teacher's widths and ties.
+        return state.but(sparse=None, layers=kept)
 
     def run(self, ctx: StageContext, config: Config) -> StageResult:
         if ctx.strategy is not None and ctx.strategy.name == "pipeline":

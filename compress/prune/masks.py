@@ -37,6 +37,14 @@ from slimtune.compress import arch
 Masks = dict[str, torch.Tensor]
 
 
+class MaskSet(dict):
+    """``{module name: boolean keep-mask}`` that prints as a summary, not as every tensor."""
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name} {tuple(mask.shape)} keeps {float(mask.float().mean()):.1%}" for name, mask in list(self.items())[:3])
+        return f"<{len(self)} masks: {shown}{', ...' if len(self) > 3 else ''}>"
+
+
 def parse_pattern(pattern: str) -> tuple[int, int]:
     """``"2:4"`` -> ``(2, 4)``: keep ``N`` of every ``M`` consecutive weights.
 

@@ -29,10 +29,10 @@ from torch import nn
 from slimtune.errors import SlimTuneError
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
-from slimtune.stage import StageContext, StageResult, device_of
+from slimtune.stage import CompositionError, ModelState, StageContext, StageResult, device_of
 from slimtune.distributed.strategy import SingleDevice
 from slimtune.compress.prune.magnitude import magnitude_masks, magnitude_scores
-from slimtune.compress.prune.masks import Masks, apply_masks_, measure_sparsity, parse_pattern, target_linears
+from slimtune.compress.prune.masks import Masks, MaskSet, apply_masks_, measure_sparsity, parse_pattern, target_linears
 from slimtune.compress.prune.schedule import GradualPruner
 from slimtune.compress.prune.structured import prune_structured_
 from slimtune.compress.prune.wanda import input_norms, wanda_scores, wanda_sequential_
@@ -122,6 +122,8 @@ def _check_structured(c: PruneConfig, given: set) -> None:
         raise ValueError(f"{', '.join(wrong)}: not used by method structured (it takes heads, ffn, layers, importance)")
     if not (c.heads or c.ffn or c.layers):
         raise ValueError("method structured removes nothing: set heads, ffn or layers")
+    if c.layers and c.importance == "weight":
+        raise ValueError("layers: importance 'weight' has no score for whole layers; use importance: gradient or activation")
 
 
 def _check_unstructured(c: PruneConfig, given: set) -> None:
@@ -170,8 +172,8 @@ def prune_(model: nn.Module, method: str = "magnitude", sparsity: float | None =
 
     Returns:
         Unstructured: ``{"method", "target", "scope", "pattern", "modules": {name:
-        measured sparsity}, "overall", "zeros", "weights", "masks"}`` (``masks``
-        is not JSON: drop it before saving). Structured: the report of
+        measured sparsity}, "overall", "zeros", "weights", "masks"}`` (``masks``:
+        a dict of boolean tensors that prints as a summary; not JSON, drop it before saving). Structured: the report of
         ``prune_structured_`` with ``"method"``.
 
     Raises:
@@ -194,7 +196,7 @@ def prune_once_(model: nn.Module, config: PruneConfig, batches: list[dict] | Non
     else:
         masks = magnitude_masks(modules, config.sparsity, config.scope, config.pattern)
         apply_masks_(model, masks)
-    return {**sparsity_report(model, config, masks), "masks": masks}
+    return {**sparsity_report(model, config, masks), "masks": MaskSet(masks)}
 
 
 def sparsity_report(model: nn.Module, config: PruneConfig, masks: Masks) -> dict:
@@ -211,6 +213,32 @@ class Prune:
     changes_model = True
     main_process_only = False
     Config = PruneConfig
+
+    @staticmethod
+    def compose(config: PruneConfig, state: ModelState, this: str) -> ModelState:
+        """Needs float linears; structured pruning also needs unshared layers and leaves at least one."""
+        if state.quantized:
+            raise CompositionError(f"{this} needs float linears, but {state.quantized} quantized them",
+                                   "put prune before quantize")
+        if config.method != "structured":
+            return state.but(sparse=this)
+        if state.shared:
+            raise CompositionError(f"{this} (method structured) removes heads, neurons or layers of each layer on its own, "
+                                   f"but {state.shared} made layers share their weights",
+                                   "prune (structured) before share, removing whole layers only (layers: N) so the rest keep one shape; "
+                                   "or leave out one of the two")
+        removed = config.layers if isinstance(config.layers, int) else len(config.layers)
+        layers = state.layers
+        if layers is not None:
+            beyond = [i for i in (config.layers if isinstance(config.layers, list) else []) if i >= layers]
+            if beyond:
+                raise CompositionError(f"{this}: layers {beyond} do not exist; the model entering it has {layers} layers "
+                                       f"(0..{layers - 1})", "name existing layers")
+            if removed >= layers:
+                raise CompositionError(f"{this}: removing {removed} of the {layers} layers the model has there would leave none",
+                                       f"remove at most {layers - 1}")
+            layers -= removed
+        return state.but(uneven=this if config.heads or config.ffn else state.uneven, layers=layers)
 
     def run(self, ctx: StageContext, config: PruneConfig) -> StageResult:
         art = ctx.artifact

@@ -53,7 +53,7 @@ from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
 from slimtune.compress.quant.linear import QuantLinear
 from slimtune.compress.kernels.reference import code_range, symmetric_zero
-from slimtune.compress.quant.rtn import QuantScheme, group_params
+from slimtune.compress.quant.rtn import QuantScheme, diagonal_blocks, group_params, grouped
 
 
 # --- pure tensor functions ----------------------------------------------------
@@ -82,7 +82,7 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme, group_size: int) -> torc
     scale = scales[..., None]  # (N, G, 1)
     zero = float(symmetric_zero(scheme.bits)) if zeros is None else zeros.float()[..., None]
     lo, hi = code_range(scheme.bits)
-    codes = torch.clamp(torch.round(_grouped(w.float(), group_size) / scale) + zero, lo, hi)  # (N, G, g)
+    codes = torch.clamp(torch.round(grouped(w.float(), group_size) / scale) + zero, lo, hi)  # (N, G, g)
     return ((codes - zero) * scale).reshape(n, -1)[:, :k]
 
 
@@ -160,33 +160,16 @@ def clip_search(H: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int
     """
     w = w.float()
     group_size = scheme.groups_of(w.shape[1])
-    H_gg = _diagonal_blocks(H, group_size)  # (G, g, g)
-    org_max = _grouped(w, group_size).abs().amax(-1)  # (N, G)
+    H_gg = diagonal_blocks(H, group_size)  # (G, g, g)
+    org_max = grouped(w, group_size).abs().amax(-1)  # (N, G)
     best, best_err = org_max.clone(), torch.full_like(org_max, float("inf"))
     for i in range(max(1, int(max_shrink * grid))):
         max_val = org_max * (1 - i / grid)
-        delta = _grouped(fake_quantize(clamp_groups(w, max_val, group_size), scheme, group_size) - w, group_size)
+        delta = grouped(fake_quantize(clamp_groups(w, max_val, group_size), scheme, group_size) - w, group_size)
         err = torch.einsum("ngk,gkl,ngl->ng", delta, H_gg, delta)  # (N, G)
         better = err < best_err
         best_err[better], best[better] = err[better], max_val[better]
     return best
-
-
-def _grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(R, K)`` -> ``(R, G, group_size)``, zero-padding a short last group."""
-    g = -(-t.shape[1] // group_size)
-    if g * group_size != t.shape[1]:
-        t = torch.nn.functional.pad(t, (0, g * group_size - t.shape[1]))
-    return t.reshape(t.shape[0], g, group_size)
-
-
-def _diagonal_blocks(H: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The ``(G, g, g)`` diagonal blocks of ``H`` ``(K, K)`` (zero-padded to ``G * g``)."""
-    k = H.shape[0]
-    g = -(-k // group_size)
-    padded = torch.nn.functional.pad(H, (0, g * group_size - k, 0, g * group_size - k))  # (Gg, Gg)
-    blocks = padded.reshape(g, group_size, g, group_size)
-    return blocks[torch.arange(g), :, torch.arange(g), :]  # (G, g, g)
 
 
 # --- calibration statistics -----------------------------------------------------

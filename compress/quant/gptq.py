@@ -13,6 +13,9 @@ github.com/IST-DASLab/gptq):
   get ``H_jj = 1`` and ``W[:, j] = 0``;
 * the updates use the upper Cholesky factor of ``H^-1`` and are applied
   lazily, ``block_size`` columns at a time;
+* weights that are exactly zero (pruned ones) stay zero: they take the
+  zero code, and their whole value is the error the later columns
+  compensate, as SparseGPT does when it prunes and quantizes jointly;
 * ``act_order`` quantizes columns in order of decreasing ``H_jj`` (most
   activated inputs first). Its groups are *static*: every group's scale and
   zero point come from the original weight before any update, and each column
@@ -54,7 +57,7 @@ from slimtune.compress.kernels.reference import code_range, symmetric_zero
 from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
 from slimtune.compress.quant.linear import QuantLinear
-from slimtune.compress.quant.rtn import QuantScheme, group_params, pack_codes
+from slimtune.compress.quant.rtn import QuantScheme, group_params, pack_codes, search_group_params
 
 
 # --- pure tensor functions ----------------------------------------------------
@@ -98,7 +101,7 @@ def round_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
 
 
 def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, damp: float = 0.01, block_size: int = 128,
-                         act_order: bool = True, where: str = "") -> dict:
+                         act_order: bool = True, where: str = "", clip_search: bool = True) -> dict:
     """Quantize one weight with GPTQ.
 
     Args:
@@ -108,6 +111,8 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, 
         damp: relative dampening of ``diag(H)``.
         block_size: columns per lazy batch update.
         act_order: columns in order of decreasing ``H_jj``, with static groups.
+        clip_search: each group's range shrunk to minimise its ``H``-weighted rounding
+            error (:func:`search_group_params`) instead of the full min/max range.
 
     Returns:
         ``{"qweight", "scales", "zeros"}`` (packed format) plus ``"error"`` (the
@@ -123,13 +128,18 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, 
     w, h = w.detach().float().clone(), h.detach().float().clone()  # (N, K), (K, K)
     dead = prepare_hessian(w, h)
     static = act_order or group_size == k
-    scales, zeros = group_params(w, scheme, group_size)  # (N, G): final when static, filled per group otherwise
+    if clip_search:
+        scales, zeros = search_group_params(w, h, scheme, group_size)  # (N, G): final when static, filled per group otherwise
+    else:
+        scales, zeros = group_params(w, scheme, group_size)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=w.device)  # (K,)
     hinv = inverse_cholesky(h[perm][:, perm], damp)  # (K, K)
     step = block_size if static else -(-block_size // group_size) * group_size  # dynamic groups never straddle blocks
     codes = torch.zeros(n, k, dtype=torch.int16, device=w.device)  # original column order
     zero_points = zeros.float() if zeros is not None else torch.full_like(scales, float(symmetric_zero(scheme.bits)))
     wp = w[:, perm]  # (N, K) permuted, updated in place
+    pruned = wp == 0  # (N, K) zeros (pruning's, and dead inputs) stay zero: the zero code, their error compensated
+    any_pruned = bool(pruned.any())
     loss = torch.zeros((), dtype=torch.float64, device=w.device)
     order = perm.tolist()  # column indices on the host: no device sync per column
     for i1 in range(0, k, step):
@@ -140,8 +150,12 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, 
             col = order[i1 + i]
             g = col // group_size
             if not static and col % group_size == 0:
-                scales[:, g], zero_points[:, g] = _dynamic_group(w1[:, i:i + group_size], scheme, group_size)
+                h_g = h[col:col + group_size, col:col + group_size] if clip_search else None
+                scales[:, g], zero_points[:, g] = _dynamic_group(w1[:, i:i + group_size], scheme, group_size, h_g)
             c, q = round_column(w1[:, i], scales[:, g], zero_points[:, g], scheme.bits)  # (N,), (N,)
+            if any_pruned:
+                keep_zero = pruned[:, i1 + i]  # (N,)
+                c, q = torch.where(keep_zero, zero_points[:, g], c), torch.where(keep_zero, 0.0, q)
             codes[:, col] = c.to(torch.int16)
             d = hinv1[i, i]
             err1[:, i] = (w1[:, i] - q) / d
@@ -153,9 +167,11 @@ def gptq_quantize_weight(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, 
             "error": loss.item(), "dead": dead}
 
 
-def _dynamic_group(w: torch.Tensor, scheme: QuantScheme, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point ``(N,)`` of one group ``(N, group_size)`` of updated columns."""
-    scales, zeros = group_params(w, scheme, group_size)  # (N, 1)
+def _dynamic_group(w: torch.Tensor, scheme: QuantScheme, group_size: int,
+                   h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point ``(N,)`` of one group ``(N, group_size)`` of updated columns (range searched on ``h``, its Hessian block, if given)."""
+    group_size = w.shape[1]  # a short last group
+    scales, zeros = search_group_params(w, h, scheme, group_size) if h is not None else group_params(w, scheme, group_size)  # (N, 1)
     zero = zeros.float() if zeros is not None else torch.full_like(scales, float(symmetric_zero(scheme.bits)))
     return scales[:, 0], zero[:, 0]
 
@@ -185,7 +201,7 @@ class GPTQ:
         self.tokens = total
 
     def finalize(self, scheme: QuantScheme, damp: float = 0.01, block_size: int = 128, act_order: bool = True,
-                 linear: nn.Linear | None = None, where: str | None = None) -> dict:
+                 linear: nn.Linear | None = None, where: str | None = None, clip_search: bool = True) -> dict:
         """Packed tensors ``{"qweight", "scales", "zeros"}`` plus ``"error"``, ``"dead"`` and ``"tokens"``.
 
         Args:
@@ -193,7 +209,7 @@ class GPTQ:
         """
         linear = linear if linear is not None else self.linear
         where = where if where is not None else self.where
-        packed = gptq_quantize_weight(linear.weight, self.h, scheme, damp, block_size, act_order, where)
+        packed = gptq_quantize_weight(linear.weight, self.h, scheme, damp, block_size, act_order, where, clip_search)
         packed["tokens"] = self.tokens
         return packed
 
@@ -201,7 +217,8 @@ class GPTQ:
 # --- model surgery -------------------------------------------------------------
 
 def gptq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, QuantScheme], damp: float = 0.01,
-                   block_size: int = 128, act_order: bool = True, device: torch.device | str | None = None) -> dict:
+                   block_size: int = 128, act_order: bool = True, device: torch.device | str | None = None,
+                   clip_search: bool = True) -> dict:
     """Quantize ``model``'s listed linears with GPTQ, block by block, in place.
 
     Each listed ``nn.Linear`` becomes a :class:`QuantLinear`; linears inside a
@@ -212,7 +229,7 @@ def gptq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Qua
         model: a BERT- or Llama-family model (:mod:`slimtune.compress.arch`).
         batches: calibration batches (dicts of model inputs; labels are ignored).
         schemes: ``{fully qualified linear name (as in named_modules()): scheme}``.
-        damp, block_size, act_order: see :func:`gptq_quantize_weight`.
+        damp, block_size, act_order, clip_search: see :func:`gptq_quantize_weight`.
         device: where blocks are calibrated (each moved there in turn); default where they are.
 
     Returns:
@@ -238,7 +255,7 @@ def gptq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Qua
             for rel in group:
                 name = targets[rel]
                 linear = block.get_submodule(rel)
-                stats = acc.finalize(schemes[name], damp, block_size, act_order, linear, name)
+                stats = acc.finalize(schemes[name], damp, block_size, act_order, linear, name, clip_search)
                 block.set_submodule(rel, QuantLinear.from_packed(linear, schemes[name], stats))
                 report[name] = _entry("gptq", schemes[name], error=stats["error"], dead=stats["dead"], tokens=stats["tokens"])
 

@@ -35,6 +35,13 @@ class PackedModule(nn.Module):
 
     _moved: WeakKeyDictionary = WeakKeyDictionary()  # fn of one .to()/.cuda() call -> {id(old buffer): (old, new)}
 
+    def shared_copy(self) -> "PackedModule":
+        """Another module of the same configuration holding this one's very tensors (cross-layer sharing)."""
+        copy = type(self).from_config(self.config())
+        copy._buffers.update(self._buffers)
+        copy._parameters.update(self._parameters)
+        return copy
+
     def _apply(self, fn, recurse=True):
         before = dict(self._buffers)
         super()._apply(fn, recurse)

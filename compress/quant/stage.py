@@ -21,19 +21,23 @@ changes the scheme of some. Each chosen ``nn.Linear`` is swapped for a
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from slimtune.errors import SlimTuneError
 from slimtune.recipe import Strict
 from slimtune.registry import MODULE_TYPES, register_stage
-from slimtune.stage import StageContext, StageResult
+from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
 from slimtune.compress.prune.masks import matches, target_linears
 from slimtune.compress.quant.linear import QuantLinear
 from slimtune.compress.quant.rtn import QuantScheme
 from slimtune.compress.recover import RecoverConfig, frozen_copy, recover
+
+log = logging.getLogger(__name__)
 
 
 class Calibration(Strict):
@@ -70,6 +74,7 @@ class QuantizeConfig(Strict):
     damp: float = Field(0.01, gt=0, lt=1, description="gptq: Hessian damping, a fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="gptq: columns per lazy block update")
     act_order: bool = Field(True, description="gptq: quantize columns by decreasing Hessian diagonal (static groups)")
+    clip_search: bool = Field(True, description="gptq: shrink each group's range to minimise its Hessian-weighted rounding error")
     grid: int = Field(20, ge=2, description="awq: points of the scale-exponent (and clipping) search")
     clip: bool = Field(True, description="awq: also search a clipping range per group")
     qat: RecoverConfig | None = Field(None, description="quantization-aware training before converting, e.g. {epochs: 1, distill: true}")
@@ -187,14 +192,61 @@ def quantize_(model: nn.Module, config: QuantizeConfig | None = None, batches: l
         raise SlimTuneError("qat: quantization-aware training runs in the recipe stage",
                             "in Python, call prepare_qat_(model, schemes), train, then convert_qat_(model)")
     schemes = select_schemes(model, config)
+    sharers = weight_sharers(model, schemes)
+    if config.method != "rtn" and sharers:
+        name, others = next(iter(sharers.items()))
+        raise SlimTuneError(f"method {config.method}: {name} shares its weight with {others} (cross-layer sharing); "
+                            f"{config.method} calibrates each layer on its own inputs",
+                            "quantize shared layers with method: rtn (or qat), which quantizes each shared weight once")
     before = weight_bytes(model)
     if config.method != "rtn" and not batches:
         raise SlimTuneError(f"calibration: method {config.method} needs calibration batches",
                             "pass batches=[...] (Collator output), or use method: rtn")
     stats = _quantize_linears_(model, config, schemes, batches)
+    schemes, stats = tie_sharers_(model, sharers, schemes, stats)
     embedding = quantize_embedding(model, config)
     set_activation_bits_(model, schemes, config.activations)
     return quantize_report(model, config, config.method, schemes, stats, embedding, before)
+
+
+def weight_sharers(model: nn.Module, names) -> dict[str, list[str]]:
+    """``{name: [other linears holding the same weight]}`` for the named linears whose weight is shared.
+
+    :func:`target_linears` lists a shared weight once, under its first name;
+    the others are the rest of its cross-layer sharing group.
+    """
+    by_weight: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            by_weight.setdefault(id(module.weight), []).append(name)
+    sharers = {}
+    for name in names:
+        others = [o for o in by_weight.get(id(model.get_submodule(name).weight), []) if o != name]
+        if others:
+            sharers[name] = others
+    return sharers
+
+
+def tie_sharers_(model: nn.Module, sharers: dict[str, list[str]], schemes: dict, stats: dict) -> tuple[dict, dict]:
+    """Give every other holder of a quantized shared weight the first one's packed tensors, in place.
+
+    A shared weight is quantized once and stays shared: its other modules
+    become :class:`QuantLinear` views of the same ``qweight``/``scales``/``zeros``
+    (and bias), so the artifact stores it once. Returns schemes and stats with
+    the other modules added (``shared_with`` names the one quantized).
+    """
+    schemes, stats = dict(schemes), dict(stats)
+    for name, others in sharers.items():
+        first = model.get_submodule(name)
+        for other in others:
+            current = model.get_submodule(other)
+            if isinstance(current, QuantLinear) and not torch.equal(current.qweight, first.qweight):
+                log.warning("warning: %s and %s were trained apart (their sharing was lost); both now hold %s's weights",
+                            other, name, name)
+            model.set_submodule(other, first.shared_copy())
+            schemes[other] = schemes[name]
+            stats[other] = {**stats.get(name, {}), "shared_with": name}
+    return schemes, stats
 
 
 def quantize_report(model: nn.Module, config: QuantizeConfig, method: str, schemes: dict, stats: dict,
@@ -209,7 +261,8 @@ def _quantize_linears_(model: nn.Module, config: QuantizeConfig, schemes: dict, 
     if config.method == "gptq":
         from slimtune.compress.quant.gptq import gptq_quantize_
 
-        return gptq_quantize_(model, batches, schemes, damp=config.damp, block_size=config.block_size, act_order=config.act_order)
+        return gptq_quantize_(model, batches, schemes, damp=config.damp, block_size=config.block_size, act_order=config.act_order,
+                             clip_search=config.clip_search)
     if config.method == "awq":
         from slimtune.compress.quant.awq import awq_quantize_
 
@@ -263,6 +316,18 @@ class Quantize:
     main_process_only = False
     Config = QuantizeConfig
 
+    @staticmethod
+    def compose(config: QuantizeConfig, state: ModelState, this: str) -> ModelState:
+        """Needs float linears; GPTQ and AWQ also need unshared weights. Leaves the model quantized."""
+        if state.quantized:
+            raise CompositionError(f"{this} needs float linears, but {state.quantized} already quantized the model",
+                                   "quantize once: give per-module schemes in overrides (and embeddings:) of one quantize stage")
+        if state.shared and config.qat is None and config.method in ("gptq", "awq"):
+            raise CompositionError(f"{this} with method {config.method} calibrates each layer's own weights, "
+                                   f"but {state.shared} made layers share them",
+                                   "after share, use method: rtn (or qat), which quantizes each shared weight once")
+        return state.but(quantized=this)
+
     def run(self, ctx: StageContext, config: QuantizeConfig) -> StageResult:
         art = ctx.artifact
         model = art.model
@@ -286,11 +351,15 @@ def quantize_aware_training(ctx: StageContext, model: nn.Module, config: Quantiz
     from slimtune.compress.quant.qat import convert_qat_, prepare_qat_
 
     schemes = select_schemes(model, config)
+    sharers = weight_sharers(model, schemes)
     before = weight_bytes(model)
     teacher = frozen_copy(model) if config.qat.distill else None
-    prepare_qat_(model, schemes, {n: config.activations for n in schemes})
+    # Every holder of a shared weight trains it through fake quantization; converted, they share one packing again.
+    wrapped = {**schemes, **{o: schemes[n] for n, others in sharers.items() for o in others}}
+    prepare_qat_(model, wrapped, {n: config.activations for n in wrapped})
     model, metrics = recover(ctx, model, config.qat, teacher)
     convert_qat_(model)
+    schemes, stats = tie_sharers_(model, sharers, schemes, {n: {"method": "qat"} for n in schemes})
     embedding = quantize_embedding(model, config)
-    report = quantize_report(model, config, "qat", schemes, {n: {"method": "qat"} for n in schemes}, embedding, before)
+    report = quantize_report(model, config, "qat", schemes, stats, embedding, before)
     return model, report, metrics

@@ -98,7 +98,8 @@ def _round_following(v: torch.Tensor, tol: torch.Tensor, lo: int, hi: int, follo
 
 
 def naive_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool, damp: float, act_order: bool,
-               follow_codes: torch.Tensor | None = None, follow_zeros: torch.Tensor | None = None) -> NaiveGPTQ:
+               follow_codes: torch.Tensor | None = None, follow_zeros: torch.Tensor | None = None,
+               static_params: tuple[torch.Tensor, torch.Tensor] | None = None) -> NaiveGPTQ:
     """GPTQ one column at a time in float64, plus a first-order bound on a float32 run's deviation.
 
     The algorithm (the paper's Algorithm 1, SlimTune's group semantics): dead
@@ -131,6 +132,7 @@ def naive_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
         w: ``(N, K)`` float32 weight; h: ``(K, K)`` SPD Hessian.
         follow_codes: the implementation's stored codes ``(N, K)`` (original order), to break near-ties.
         follow_zeros: its zero points ``(N, G)``, likewise.
+        static_params: float32 scales and zero points ``(N, G)`` of static groups, instead of each group's range.
     """
     n, k = w.shape
     lo, hi = code_limits(bits)
@@ -150,7 +152,9 @@ def naive_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym
     static = act_order or group_size >= k
     scales, zeros = torch.zeros(n, groups), torch.zeros(n, groups)
     scale_bound = torch.zeros(n, groups, dtype=torch.float64)
-    if static:
+    if static and static_params is not None:
+        scales, zeros = static_params[0].float().clone(), static_params[1].float().clone()
+    elif static:
         for g in range(groups):
             scales[:, g], zeros[:, g] = group_quantizer(start_w[:, g * group_size:(g + 1) * group_size], bits, symmetric)
     A = W.abs()  # (N, K) a_j

@@ -5,15 +5,15 @@ import torch
 from torch import nn
 
 from slimtune.compress.arch import layers
-from slimtune.compress.kernels.reference import code_range, dequantize, unpack
+from slimtune.compress.kernels.reference import code_range, dequantize, symmetric_zero, unpack
 from slimtune.compress.quant import gptq as gptq_module
 from slimtune.compress.quant.calibrate import walk_blocks
 from slimtune.compress.quant.gptq import GPTQ, gptq_quantize_, gptq_quantize_weight
 from slimtune.compress.quant.linear import QuantLinear
-from slimtune.compress.quant.rtn import QuantScheme, group_params, pack_codes, quantize_codes, quantize_rtn
+from slimtune.compress.quant.rtn import QuantScheme, group_params, pack_codes, quantize_codes, quantize_rtn, search_group_params
 from slimtune.errors import SlimTuneError
 from tests.compress.models import bert, llama
-from tests.compress.reference_quant import naive_gptq
+from tests.compress.reference_quant import group_quantizer, naive_gptq
 
 G32 = QuantScheme(4, 32, True)
 SCHEMES = [G32, QuantScheme(4, None, False), QuantScheme(8, None, True)]
@@ -133,8 +133,10 @@ def test_gptq_weights_lie_on_their_group_grid(scheme, act_order):
     assert torch.equal(pack_codes(codes, scheme.bits), packed["qweight"])  # re-quantizing is the identity
     lo, hi = code_range(scheme.bits)
     assert lo <= int(codes.min()) and int(codes.max()) <= hi
-    if act_order:  # static groups: every group's parameters come from the original weight
-        scales, zeros = group_params(linear.weight.detach(), scheme, gs)
+    if act_order:  # static groups: every group's parameters come from the original weight (and its Hessian)
+        acc = GPTQ(linear)
+        acc.add_batch(x[None])
+        scales, zeros = search_group_params(linear.weight.detach(), acc.h, scheme, gs)
         torch.testing.assert_close(packed["scales"], scales)
         assert zeros is None or torch.equal(packed["zeros"], zeros)
 
@@ -144,9 +146,14 @@ NAIVE_SCHEMES = {"4bit-g32-asym": QuantScheme(4, 32, False), "4bit-g32-sym": Qua
 
 
 @pytest.mark.parametrize("scheme", NAIVE_SCHEMES.values(), ids=NAIVE_SCHEMES.keys())
-@pytest.mark.parametrize("act_order", [True, False])
-def test_blocked_gptq_equals_the_naive_column_by_column_reference(scheme, act_order):
+@pytest.mark.parametrize("act_order, clip_search", [(True, False), (False, False), (True, True)],
+                         ids=["act-order", "in-order", "act-order-clip-search"])
+def test_blocked_gptq_equals_the_naive_column_by_column_reference(scheme, act_order, clip_search):
     """Lazy block updates, act-order and groups change only float32 rounding, for every block size.
+
+    With ``clip_search`` the static groups' parameters come from :func:`search_group_params`
+    (checked against its own reference in ``test_search_group_params_*``); the reference is
+    given them, and checks the column loop.
 
     The reference (tests/compress/reference_quant.py) runs the paper's
     Algorithm 1 one column at a time in float64 and bounds, column by column,
@@ -167,9 +174,13 @@ def test_blocked_gptq_equals_the_naive_column_by_column_reference(scheme, act_or
     h = x.t() @ x * (2.0 / x.shape[0])  # (K, K)
     group_size = scheme.groups_of(k)
     for block_size in (1, 7, 32, 128, k):
-        packed = gptq_quantize_weight(w, h, scheme, damp=0.01, block_size=block_size, act_order=act_order)
+        packed = gptq_quantize_weight(w, h, scheme, damp=0.01, block_size=block_size, act_order=act_order, clip_search=clip_search)
         codes = unpack(packed["qweight"], scheme.bits, k).long()  # (N, K)
-        ref = naive_gptq(w, h, scheme.bits, group_size, scheme.symmetric, 0.01, act_order, codes, packed["zeros"])
+        params = None
+        if clip_search:
+            zeros = packed["zeros"] if packed["zeros"] is not None else torch.full_like(packed["scales"], symmetric_zero(scheme.bits))
+            params = (packed["scales"], zeros.float())
+        ref = naive_gptq(w, h, scheme.bits, group_size, scheme.symmetric, 0.01, act_order, codes, packed["zeros"], params)
         assert torch.equal(codes, ref.codes), f"block_size={block_size}: {int((codes != ref.codes).sum())} codes differ"
         if packed["zeros"] is not None:
             assert torch.equal(packed["zeros"].float(), ref.zeros)
@@ -270,9 +281,9 @@ def test_gptq_is_true_sequential_inside_and_across_blocks(make, monkeypatch):
     names = block_linears(model)
     seen, quantize = {}, gptq_module.gptq_quantize_weight
 
-    def spy(w, h, scheme, damp, block_size, act_order, where=""):
+    def spy(w, h, scheme, damp, block_size, act_order, where="", clip_search=True):
         seen[where] = h.double().clone()
-        return quantize(w, h, scheme, damp, block_size, act_order, where)
+        return quantize(w, h, scheme, damp, block_size, act_order, where, clip_search)
 
     monkeypatch.setattr(gptq_module, "gptq_quantize_weight", spy)
     gptq_quantize_(model, data, {name: G32 for name in names})
@@ -321,3 +332,47 @@ def test_gptq_calibrates_blocks_on_cuda():
     cpu_report, cpu_value = _device_run("cpu")
     report, value = _device_run("cuda")
     assert report.keys() == cpu_report.keys() and abs(value - cpu_value) < 1.0
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(4, 32, False), QuantScheme(4, 32, True), QuantScheme(4, None, False)],
+                         ids=["4bit-g32-asym", "4bit-g32-sym", "4bit-channel-asym"])
+def test_search_group_params_picks_the_least_weighted_error_of_its_grid(scheme):
+    """Every group's range is the shrink of ``1 - i/100``, ``i < 80``, with the least ``d^T H_gg d``.
+
+    The reference evaluates each candidate in float64 with the reference quantizer (the range of ``p w``
+    is ``p`` times that of ``w``). The implementation sums ``g^2`` float32 products, each error within
+    ``gamma = g^2 u / (1 - g^2 u)`` of its absolute sum ``|d|^T |H_gg| |d|`` (Higham, Lemma 3.1), so its
+    choice may trail the best candidate by at most ``gamma`` times both absolute sums.
+    """
+    k, n = 147, 24  # a short last group of 19
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(n, k, generator=g) * 0.1
+    w[torch.rand(n, k, generator=g) < 0.01] *= 8  # outliers, which clipping trades against resolution
+    x = torch.randn(400, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g) / k ** 0.5)
+    h = x.t() @ x / x.shape[0]
+    group_size = scheme.groups_of(k)
+    scales, zeros = search_group_params(w, h, scheme, group_size)
+    lo, hi = code_range(scheme.bits)
+    zero_of = (lambda zs, gi: zs[:, gi].double()) if zeros is not None else (lambda zs, gi: torch.full((n,), 8.0, dtype=torch.float64))
+    gamma = group_size ** 2 * 2 ** -24 / (1 - group_size ** 2 * 2 ** -24)
+    shrunk_any = False
+    for gi in range(-(-k // group_size)):
+        cols = slice(gi * group_size, min(k, (gi + 1) * group_size))
+        wg, hg = w[:, cols].double(), h[cols, cols].double()
+
+        def error(scale, zero):  # (N,) exact d^T H d and |d|^T |H| |d|
+            d = (torch.clamp(torch.round(wg / scale[:, None]) + zero[:, None], lo, hi) - zero[:, None]) * scale[:, None] - wg
+            return ((d @ hg) * d).sum(1), ((d.abs() @ hg.abs()) * d.abs()).sum(1)
+
+        candidates = []
+        for i in range(80):
+            s, z = group_quantizer(w[:, cols] * (1 - i / 100), scheme.bits, scheme.symmetric)
+            candidates.append(error(s.double(), z.double()))
+        errs = torch.stack([e for e, _ in candidates])  # (80, N)
+        best = errs.argmin(0)
+        best_err, best_abs = errs.min(0).values, torch.stack([a for _, a in candidates]).gather(0, best[None])[0]
+        chosen_err, chosen_abs = error(scales[:, gi].double(), zero_of(zeros, gi))
+        assert (chosen_err <= best_err + gamma * (chosen_abs + best_abs)).all(), gi
+        assert (chosen_err <= errs[0] + gamma * (chosen_abs + candidates[0][1])).all()  # never worse than the full range
+        shrunk_any |= bool((best > 0).any())
+    assert shrunk_any  # the outliers make some group clip, so the test sees a search that moved

@@ -164,7 +164,7 @@ def test_layers_of_different_widths_cannot_share():
 
 
 @pytest.mark.parametrize("stage,message", [
-    ("- share: {groups: [[0, 5]]}\n", "share: groups: layer(s) [5] do not exist"),  # known only once the model is
+    ("- share: {groups: [[0, 5]]}\n", "stages[0] share: layers [5] do not exist; the model entering it has 2 layers"),
     ("- share: {groups: [[0, 1], [1]]}\n", "stages.0.share.groups"),
     ("- share: {every: 1}\n", "stages.0.share.every"),
     ("- share: {every: 2, groups: [[0, 1]]}\n", "exactly one of groups and every"),
