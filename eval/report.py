@@ -1,4 +1,11 @@
-"""Tables of what each stage measured: on the terminal (rich) and in report.md."""
+"""Tables of what each stage measured: on the terminal (rich) and in report.md.
+
+The ``parameters`` column and ``slimtune info`` use one definition,
+:func:`slimtune.models.parameter_count`: the model's distinct weights, each
+tied or shared tensor counted once, a packed quantized weight counted as the
+number of weights it stands for (its scales and zero points are not counted;
+the bytes they take are in ``size MB``).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +15,17 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from slimtune.artifact import META_FILE, read_meta
+from slimtune.errors import ArtifactError
+
+PARAMETERS_DEFINITION = "distinct weights: tied and shared once, packed quantized weights as the weights they stand for"
 COLUMNS = ("stage", "metric", "value", "parameters", "size MB", "PyTorch ms", "ONNX RT ms", "notes")
 
 
-def stage_row(name: str, reused: bool, m: dict) -> list[str]:
-    """One table row from a stage's metrics.json."""
+def stage_row(name: str, reused: bool, m: dict, compression: dict | None = None) -> list[str]:
+    """One table row from a stage's metrics.json (and its artifact's compression record, for the quantization scheme)."""
     metric, value = _headline(m)
-    notes = []
+    notes = compression_notes(m, compression or {})
     if "max_abs_diff" in m:
         notes.append(f"onnx {m.get('onnx_mb', 0):.1f} MB, max abs diff {m['max_abs_diff']:.1e}, agree {m['prediction_agreement']:.4f}")
     if "best_epoch" in m:
@@ -23,12 +34,55 @@ def stage_row(name: str, reused: bool, m: dict) -> list[str]:
         notes.append(f"{m['seconds']:.0f} s" + (" (reused)" if reused else ""))
     return [
         name, metric, value,
-        f"{m['parameters'] / 1e6:.2f}M" if "parameters" in m else "",
+        format_count(m["parameters"]) if "parameters" in m else "",
         f"{m['size_mb']:.1f}" if "size_mb" in m else "",
         f"{m['torch_ms']:.2f}" if "torch_ms" in m else "",
         f"{m['onnx_ms']:.2f}" if "onnx_ms" in m else "",
         "; ".join(notes),
     ]
+
+
+def compression_notes(m: dict, compression: dict) -> list[str]:
+    """What a quantize, share or prune stage did, from the metrics it returned."""
+    notes = []
+    if "quantized_modules" in m:
+        schemes = _scheme_summary(compression.get("quantize"))
+        notes.append(f"{m['quantized_modules']} modules quantized" + (f" ({schemes})" if schemes else "")
+                     + f", weights {_mb(m['weight_mb_before'])} -> {_mb(m['weight_mb'])} MB")
+    if "unique_parameters_before" in m:
+        groups = m.get("groups")
+        notes.append((f"{len(groups)} shared group{'s' * (len(groups) != 1)}, " if isinstance(groups, list) else "")
+                     + f"unique parameters {format_count(m['unique_parameters_before'])} -> {format_count(m['unique_parameters_after'])}")
+    if "sparsity" in m:
+        prune = compression.get("prune") or {}
+        how = ", ".join(str(x) for x in (prune.get("method"), prune.get("pattern")) if x)
+        notes.append(f"measured sparsity {m['sparsity']:.4f}" + (f" ({how})" if how else ""))
+    if "parameters_before" in m and "parameters" in m:
+        notes.append(f"parameters {format_count(m['parameters_before'])} -> {format_count(m['parameters'])}"
+                     + (f", blocks {format_count(m['block_parameters_before'])} -> {format_count(m['block_parameters_after'])}"
+                        if "block_parameters_after" in m else ""))
+    return notes
+
+
+def _scheme_summary(record: dict | None) -> str:
+    """``4-bit g32, 8-bit per-channel``: the distinct weight schemes of a quantization record."""
+    if not isinstance(record, dict) or not isinstance(record.get("modules"), dict):
+        return ""
+    schemes = []
+    for m in record["modules"].values():
+        scheme = f"{m.get('bits')}-bit " + ("per-channel" if m.get("group_size") is None else f"g{m['group_size']}")
+        if scheme not in schemes:
+            schemes.append(scheme)
+    return ", ".join(schemes + ([f"embedding {record['embedding']}"] if record.get("embedding") else []))
+
+
+def format_count(n: int) -> str:
+    """A parameter count: exact below a million (``14,866``), else in millions (``22.71M``)."""
+    return f"{n:,}" if n < 1_000_000 else f"{n / 1e6:.2f}M"
+
+
+def _mb(x: float) -> str:
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
 
 
 def _headline(m: dict) -> tuple[str, str]:
@@ -46,15 +100,25 @@ def stage_table(title: str, rows: list[tuple[str, Path, bool, dict]]) -> Table:
     for col in COLUMNS:
         table.add_column(col, justify="right" if col not in ("stage", "metric", "notes") else "left")
     for name, path, reused, metrics in rows:
-        table.add_row(*stage_row(f"{path.name}" if path else name, reused, metrics))
+        table.add_row(*stage_row(f"{path.name}" if path else name, reused, metrics, _compression(path)))
     return table
 
 
 def markdown_table(rows: list[tuple[str, Path, bool, dict]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for name, path, reused, metrics in rows:
-        lines.append("| " + " | ".join(stage_row(path.name if path else name, reused, metrics)) + " |")
+        lines.append("| " + " | ".join(stage_row(path.name if path else name, reused, metrics, _compression(path))) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _compression(path: Path | None) -> dict:
+    """The compression record of the artifact at ``path`` ({} when there is none to read)."""
+    if path is None or not (Path(path) / META_FILE).is_file():
+        return {}
+    try:
+        return read_meta(path).get("compression") or {}
+    except ArtifactError:
+        return {}
 
 
 def write_summary(result) -> Path:
@@ -65,7 +129,13 @@ def write_summary(result) -> Path:
     return path
 
 
-def info_text(path: Path, meta: dict, metrics: dict) -> Table:
+def info_text(path: Path, meta: dict, metrics: dict, parameters: int | None = None) -> Table:
+    """``slimtune info``: an artifact's task, lineage, files, compression and metrics.
+
+    Args:
+        parameters: :func:`slimtune.models.parameter_count` of the loaded model
+            (the number ``slimtune eval`` reports); None leaves the row out.
+    """
     table = Table(title=f"artifact {path}", show_header=False)
     table.add_column("key")
     table.add_column("value")
@@ -90,9 +160,8 @@ def info_text(path: Path, meta: dict, metrics: dict) -> Table:
         table.add_row("sparsity", escape(sparsity_lines(compression["prune"])))
     if isinstance(compression.get("quantize"), dict) and "modules" in compression["quantize"]:
         table.add_row("quantization", escape(quantization_lines(compression["quantize"])))
-    params = _parameters_from_header(weights)
-    if params:
-        table.add_row("parameters", f"{params:,} (stored tensors)")
+    if parameters is not None:
+        table.add_row("parameters", f"{parameters:,} ({PARAMETERS_DEFINITION})")
     for key, value in metrics.items():
         if key != "history":
             table.add_row(f"metric {key}", f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
@@ -128,19 +197,3 @@ def quantization_lines(record: dict) -> str:
         lines.append(f"embedding: {record['embedding']} (row-wise)")
     return "\n".join(lines + ["(every module: slimtune.json)"])
 
-
-def _parameters_from_header(weights: Path) -> int:
-    """Element count of the stored tensors, read from the safetensors header only."""
-    if not weights.is_file():
-        return 0
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(weights), framework="pt") as f:
-        for name in f.keys():
-            shape = f.get_slice(name).get_shape()
-            n = 1
-            for d in shape:
-                n *= d
-            total += n
-    return total

@@ -1,8 +1,10 @@
 """``evaluate``: measure an artifact - task metric, parameters, size, latency.
 
 The task metric is computed on a split (test by default) with the task kind's
-own evaluation (:mod:`slimtune.tasks`). Size on disk is the bytes of the
-weight file. Latency is measured at batch size 1 (configurable) at the task's
+own evaluation (:mod:`slimtune.tasks`). Parameters are
+:func:`slimtune.models.parameter_count` (distinct weights, a packed quantized
+weight counted as the weights it stands for), the count ``slimtune info``
+prints too. Size on disk is the bytes of the weight file. Latency is measured at batch size 1 (configurable) at the task's
 ``max_length`` in PyTorch and, when ``onnx: true``, in ONNX Runtime on the
 artifact's ``model.onnx`` (exported to a temporary file if no export stage ran
 before).

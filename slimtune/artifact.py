@@ -5,7 +5,9 @@ On disk an artifact is a Hugging Face directory plus ``slimtune.json``::
     config.json, model.safetensors, tokenizer files   (HF layout)
     slimtune.json   format version, task, lineage, module swaps, compression,
                     and ``files``: the size and sha256 of every other file
-    metrics.json    what was measured after the stage (optional)
+    metrics.json    what was measured after the stage (a stage directory always
+                    has one; ``Artifact.save`` writes the artifact's ``metrics``,
+                    ``{}`` when it holds none; older artifacts may lack it)
 
 Every read (``load``, ``slimtune info``/``eval``, the runner before it
 reuses a stage) first checks each file against ``files`` (size and full
@@ -66,6 +68,12 @@ class Artifact:
             count of a BERT attention whose heads were removed); when present,
             linear layers take the shapes stored in the weight file.
         path: the directory it was loaded from or saved to, if any.
+        metrics: what was measured of this model after its last stage
+            (``metrics.json``): ``load`` reads them and ``save`` writes them
+            back, so a loaded artifact saves with the same layout as its stage
+            directory. They describe the weights as loaded: code that changes
+            the model outside a stage should clear them (the runner writes each
+            stage's own metrics.json and does not use this field).
     """
 
     model: nn.Module
@@ -77,6 +85,7 @@ class Artifact:
     compression: dict = field(default_factory=dict)
     module_attrs: dict = field(default_factory=dict)
     path: Path | None = None
+    metrics: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str | None:
@@ -96,11 +105,15 @@ class Artifact:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the artifact to ``directory`` atomically (temp dir, then rename)."""
+        """Write the artifact to ``directory`` atomically (temp dir, then rename), laid out as a stage directory.
+
+        ``metrics.json`` holds :attr:`metrics` (``{}`` when nothing was measured).
+        """
         directory = Path(directory)
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.write_into(tmp)
+        write_json(tmp / METRICS_FILE, self.metrics)
         replace_dir(tmp, directory)
         self.path = directory
         return directory
@@ -216,6 +229,7 @@ def load(directory: str | Path) -> Artifact:
     return Artifact(
         model=model, tokenizer=tokenizer, task=task, labels=meta.get("labels"), lineage=meta.get("lineage", []),
         swaps=meta.get("swaps", []), compression=meta.get("compression", {}), module_attrs=meta.get("module_attrs", {}), path=directory,
+        metrics=read_metrics(directory),
     )
 
 

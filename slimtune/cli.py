@@ -4,13 +4,14 @@
                  [--nproc N] [--strategy ddp|fsdp|pipeline] [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]
                  [--max-restarts K]
     slimtune plan RECIPE [--nproc N] [--strategy S] [--set k=v ...] [--measure] [--steps K] [--json]
-    slimtune eval ARTIFACT_DIR [--split test] [--no-latency]
+    slimtune eval ARTIFACT_DIR [--split test] [--max-examples N] [--no-latency]
     slimtune latency ARTIFACT_DIR [ARTIFACT_DIR ...]
     slimtune info ARTIFACT_DIR
     slimtune recipes
 
-User errors print one message and exit with 2 (``--debug`` shows the
-traceback); ``--quiet`` turns progress bars and stage logs off.
+User errors print one message and exit with 2, as do command-line arguments
+out of range (``--max-examples 0``); ``--debug`` also shows the traceback, with
+the same exit code. ``--quiet`` turns progress bars and stage logs off.
 """
 
 from __future__ import annotations
@@ -20,9 +21,30 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type``: an integer of at least 1 (argparse names the flag and exits with 2 otherwise)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse ``type``: an integer of at least 0."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,25 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--fresh", action="store_true", help="recompute every stage, ignoring finished ones")
     g = p.add_argument_group("distributed (torchrun)")
-    g.add_argument("--nproc", type=int, help="processes on this machine (sets distributed.nproc; strategy ddp unless the recipe names one)")
+    g.add_argument("--nproc", type=positive_int, help="processes on this machine (sets distributed.nproc; strategy ddp unless the recipe names one)")
     g.add_argument("--strategy", choices=["single", "ddp", "fsdp", "pipeline"], help="sets distributed.strategy")
-    g.add_argument("--nnodes", type=int, help="machines taking part (sets distributed.nnodes)")
-    g.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0..nnodes-1")
+    g.add_argument("--nnodes", type=positive_int, help="machines taking part (sets distributed.nnodes)")
+    g.add_argument("--node-rank", type=non_negative_int, default=0, help="this machine's rank, 0..nnodes-1")
     g.add_argument("--rdzv-endpoint", help="HOST:PORT on machine 0 that every machine can reach")
-    g.add_argument("--max-restarts", type=int, help="restart all ranks up to N times after one dies; training resumes from its last checkpoint")
+    g.add_argument("--max-restarts", type=non_negative_int, help="restart all ranks up to N times after one dies; training resumes from its last checkpoint")
 
     p = sub.add_parser("eval", parents=[common], help="measure an artifact directory")
     p.add_argument("artifact")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--max-examples", type=int, default=None)
+    p.add_argument("--max-examples", type=positive_int, default=None, help="evaluate on the first N examples of the split")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     p = sub.add_parser("latency", parents=[common], help="PyTorch latency of artifacts side by side (interleaved), as ratios to the first")
     p.add_argument("artifacts", nargs="+", metavar="ARTIFACT_DIR")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--rounds", type=int, default=5, help="round-robin rounds")
-    p.add_argument("--runs", type=int, default=20, help="timed calls per artifact and round")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--rounds", type=positive_int, default=5, help="round-robin rounds")
+    p.add_argument("--runs", type=positive_int, default=20, help="timed calls per artifact and round")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("info", parents=[common], help="show an artifact's lineage, size and compression metadata")
@@ -68,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", parents=[common], help="predict per-device memory and communication of a recipe's training")
     p.add_argument("recipe", help="a YAML file or a shipped recipe name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    p.add_argument("--nproc", type=int, help="processes (sets distributed.nproc; default: the recipe's)")
+    p.add_argument("--nproc", type=int, help="processes (sets distributed.nproc; default: the recipe's)")  # checked by plan_command
     p.add_argument("--strategy", help="single, ddp, fsdp or pipeline (default: every strategy; with --measure the recipe's)")
     p.add_argument("--measure", action="store_true", help="train a few steps and print measured beside predicted peak memory")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps to measure (after 2 warm-up steps)")
@@ -86,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SlimTuneError as err:
         if args.debug:
-            raise
-        if _handed_to_launcher(err):
+            traceback.print_exc()
+        if _handed_to_launcher(err) or args.debug:
             return getattr(err, "exit_code", EXIT_USER_ERROR)
         print(f"error: {err.message}", file=sys.stderr)
         if err.hint:
@@ -182,26 +204,30 @@ def cmd_latency(args) -> int:
         return 0
     from rich.table import Table
 
+    from slimtune.eval.report import format_count
+
     table = Table(title=f"PyTorch latency, batch {args.batch_size}, {args.rounds} x {args.runs} interleaved calls each")
     for col in ("artifact", "parameters", "median ms", "ratio"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
     for r in rows:
-        table.add_row(r["artifact"], f"{r['parameters'] / 1e6:.2f}M", f"{r['torch_ms']:.2f}", f"{r['ratio']:.3f}")
+        table.add_row(r["artifact"], format_count(r["parameters"]), f"{r['torch_ms']:.2f}", f"{r['ratio']:.3f}")
     _console().print(table)
     return 0
 
 
 def cmd_info(args) -> int:
-    from slimtune.artifact import read_meta, read_metrics, verify
+    import slimtune
+    from slimtune.artifact import read_meta, read_metrics
     from slimtune.eval.report import info_text
+    from slimtune.models import parameter_count
 
     path = Path(args.artifact)
     meta = read_meta(path)
-    verify(path, meta)
+    parameters = parameter_count(slimtune.load(path).model)  # verifies the files; the count `eval` reports
     if args.json:
-        print(json.dumps({"meta": meta, "metrics": read_metrics(path)}, indent=2))
+        print(json.dumps({"meta": meta, "metrics": read_metrics(path), "parameters": parameters}, indent=2))
     else:
-        _console().print(info_text(path, meta, read_metrics(path)))
+        _console().print(info_text(path, meta, read_metrics(path), parameters))
     return 0
 
 

@@ -85,11 +85,17 @@ def first_line(err: BaseException) -> str:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Number of distinct parameter elements (tied weights counted once).
+    """The model's parameter count: its distinct weights.
 
-    A module that stores its weight packed (a quantized linear or embedding)
-    says how many weights it stands for with ``quantized_weight_numel``; those
-    count too, once per packed tensor ``qweight``.
+    This is the one definition behind every ``parameters`` SlimTune prints
+    (``slimtune eval``, ``info``, ``latency``, the run report) and the stages'
+    before/after counts. Each tied or shared tensor counts once. A module that
+    stores its weight packed (a quantized linear or embedding) counts the
+    number of weights it stands for (``quantized_weight_numel``, e.g.
+    ``in_features * out_features``), once per packed tensor ``qweight``; its
+    scales and zero points, and buffers in general, are not parameters (their
+    bytes show in the artifact's size). So quantizing a model leaves its count
+    unchanged; pruning to zeros does too; removing heads or sharing lowers it.
     """
     seen, total = set(), 0
     for p in model.parameters():

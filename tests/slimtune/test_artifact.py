@@ -109,3 +109,20 @@ def test_load_errors(tmp_path, tiny_bert):
         slimtune.load(tmp_path / "missing")
     with pytest.raises(ArtifactError, match="not a SlimTune artifact"):
         slimtune.load(tiny_bert)
+
+
+def test_save_writes_metrics_json_as_a_stage_does_and_load_reads_it_back(tmp_path, tiny_bert):
+    from slimtune.artifact import read_metrics, verify
+
+    art = make_artifact(tiny_bert)
+    art.save(tmp_path / "bare")
+    assert json.loads((tmp_path / "bare" / "metrics.json").read_text()) == {}  # nothing measured yet
+    art.metrics = {"accuracy": 0.75, "split": "test", "parameters": 12345}
+    art.save(tmp_path / "measured")
+    assert read_metrics(tmp_path / "measured") == art.metrics
+    verify(tmp_path / "measured")  # the manifest leaves metrics.json out, as in a stage directory
+    back = slimtune.load(tmp_path / "measured")
+    assert back.metrics == art.metrics
+    back.save(tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == sorted(p.name for p in (tmp_path / "measured").iterdir())
+    assert read_metrics(tmp_path / "copy") == art.metrics
