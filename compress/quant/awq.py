@@ -53,7 +53,7 @@ from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
 from slimtune.compress.quant.linear import QuantLinear
 from slimtune.compress.kernels.reference import code_range, symmetric_zero
-from slimtune.compress.quant.rtn import QuantScheme, diagonal_blocks, group_params, grouped
+from slimtune.compress.quant.rtn import QuantScheme, diagonal_blocks, group_errors, group_params, grouped
 
 
 # --- pure tensor functions ----------------------------------------------------
@@ -166,7 +166,7 @@ def clip_search(H: torch.Tensor, w: torch.Tensor, scheme: QuantScheme, grid: int
     for i in range(max(1, int(max_shrink * grid))):
         max_val = org_max * (1 - i / grid)
         delta = grouped(fake_quantize(clamp_groups(w, max_val, group_size), scheme, group_size) - w, group_size)
-        err = torch.einsum("ngk,gkl,ngl->ng", delta, H_gg, delta)  # (N, G)
+        err = group_errors(delta, H_gg)  # (N, G)
         better = err < best_err
         best_err[better], best[better] = err[better], max_val[better]
     return best

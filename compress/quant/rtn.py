@@ -128,11 +128,19 @@ def search_group_params(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, g
     for i in range(max(1, int(max_shrink * grid))):
         scales, zeros = group_params(w, scheme, group_size, 1 - i / grid)
         q = dequantize_codes(quantize_codes(w, scales, zeros, scheme.bits, group_size), scales, zeros, scheme.bits, group_size)
-        d = grouped(q - w, group_size)  # (N, G, g)
-        err = torch.einsum("ngk,gkl,ngl->ng", d, h_gg, d)  # (N, G)
+        err = group_errors(grouped(q - w, group_size), h_gg)  # (N, G)
         better = err < best_err
         best_err[better], best_shrink[better] = err[better], 1 - i / grid
     return group_params(w, scheme, group_size, best_shrink)
+
+
+def group_errors(d: torch.Tensor, h_gg: torch.Tensor) -> torch.Tensor:
+    """``d_ng^T H_g d_ng`` for errors ``d`` ``(N, G, g)`` and diagonal blocks ``h_gg`` ``(G, g, g)``: ``(N, G)``.
+
+    One batched matmul over the groups (``einsum("ngk,gkl,ngl->ng")`` ran ~100x slower on CPU).
+    """
+    dg = d.transpose(0, 1)  # (G, N, g)
+    return (torch.bmm(dg, h_gg) * dg).sum(-1).t()  # (N, G)
 
 
 def grouped(t: torch.Tensor, group_size: int) -> torch.Tensor:

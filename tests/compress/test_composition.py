@@ -45,7 +45,7 @@ from tests.conftest import recipe_text, write_bert, write_llama
 
 STAGES = {
     "finetune": "finetune: {max_steps: 2, eval_split: none}",
-    "distill": "distill: {student: {layers: [0, 2]}, max_steps: 2, eval_split: none}",
+    "distill": "distill: {student: {layers: [0, 1]}, max_steps: 2, eval_split: none}",
     "magnitude": "prune: {method: magnitude, sparsity: 0.5}",
     "wanda 2:4": "prune: {method: wanda, pattern: '2:4', calibration: {batches: 1}}",
     "structured": "prune: {method: structured, heads: 0.5, ffn: 0.5, importance: weight}",

@@ -292,3 +292,16 @@ def test_distill_gives_the_same_student_under_single_ddp_and_fsdp(write_recipe, 
     report = compare_strategies(write_recipe(stage), tmp_path, overrides={"task.limit": 64, "train.batch_size": 16})
     assert report.ok, str(report)
     assert {("ddp", "distill"), ("fsdp", "distill")} <= set(report.weight_diff)
+
+
+def test_distill_reads_the_labels_key_of_hugging_face_datasets(tiny_bert):
+    """Issue 13: examples as Hugging Face datasets give them (``labels``) used to count as unlabelled."""
+    teacher, collate = bert_teacher(tiny_bert)
+    spec = {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "intermediate_size": 32}
+    hf = [{"text": e["text"], "labels": e["label"]} for e in examples(32)]
+    assert collate(hf[:4])["labels"].tolist() == [e["labels"] for e in hf[:4]]
+    runs = {}
+    for name, data in (("label", examples(32)), ("labels", hf)):
+        runs[name] = distill(teacher, spec, data, collate=collate, train=TRAIN, epochs=1, losses={"soft": 1.0, "hard": 1.0})
+    assert runs["labels"].distillation.weights.active() == {"soft": 1.0, "hard": 1.0}
+    assert runs["labels"].train.history[0]["train_loss"] == runs["label"].train.history[0]["train_loss"]  # same data, same loss

@@ -355,3 +355,15 @@ def test_prune_dispatches_to_structured_removal(request):
     assert report["method"] == "structured" and report["parameters_before"] == before
     assert sum(p.numel() for p in model.parameters()) == report["parameters_after"] < before
     assert model.config.intermediate_size == 32
+
+
+def test_prune_report_prints_its_masks_as_a_summary():
+    """Issue 13: printing prune_'s report used to dump every boolean mask tensor."""
+    from slimtune.compress import prune_
+    from tests.compress.models import bert as tiny_bert_model
+
+    report = prune_(tiny_bert_model(layers=2), sparsity=0.5)
+    text = repr(report)
+    assert len(text) < 3000 and "tensor(" not in text
+    assert "12 masks:" in text and "keeps 50.0%" in text
+    assert all(m.dtype == torch.bool for m in report["masks"].values())  # still the masks themselves

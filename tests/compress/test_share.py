@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -224,3 +225,79 @@ def test_share_with_recovery_gives_the_same_result_under_single_ddp_and_fsdp(wri
     for run in report.runs.values():
         art = slimtune.load(run.stages[0].path)
         assert sharing_intact(art.model, [[0, 1]]) and run.stages[0].metrics["recover_steps"] > 0
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_after_share_quantizes_each_shared_weight_once_and_keeps_it_shared(family, bits, tmp_path, tiny_bert):
+    """Issue 13, defect 1: RTN used to quantize blocks 0 and 2 only, leaving 1 and 3 float and the model larger."""
+    from slimtune.compress import quantize_
+    from slimtune.compress.quant.stage import module_swaps, weight_bytes
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    model = MODELS[family](layers=4, vocab=len(tokenizer))
+    share_layers_(model, every=2)
+    ids = torch.randint(5, len(tokenizer), (2, 9))
+    shared_bytes = weight_bytes(model)
+    report = quantize_(model, bits=bits, group_size=32 if bits == 4 else "channel")
+    floats = [n for i in range(4) for n, m in arch.layers(model)[i].named_modules() if isinstance(m, nn.Linear)]
+    assert floats == []
+    per_block = sum(isinstance(m, nn.Module) and hasattr(m, "qweight") for m in arch.layers(model)[0].modules())
+    assert len(report["modules"]) == 4 * per_block  # every block's linears, each member's listed
+    assert sum("shared_with" in entry for entry in report["modules"].values()) == 2 * per_block
+    assert sharing_intact(model, [[0, 1], [2, 3]]) and not sharing_intact(model, [[1, 2]])
+    assert report["bytes_after"] < shared_bytes  # it shrank (before the fix it grew: float copies beside packed ones)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    art = Artifact(model=model, tokenizer=tokenizer, task=CLASSIFY if family == "bert" else CAUSAL,
+                   labels=[0, 1] if family == "bert" else None, swaps=module_swaps(model))
+    art.save(tmp_path / "q")
+    stored = load_file(tmp_path / "q/model.safetensors")
+    assert not [k for k in stored if re.search(r"layers?\.[13]\.", k)]  # the members' tensors are stored once, by the leads
+    back = slimtune.load(tmp_path / "q").model
+    assert sharing_intact(back, [[0, 1], [2, 3]])
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibrated_quantization_of_shared_layers_is_refused_with_the_fix(method):
+    from slimtune.compress import quantize_
+
+    model = bert(layers=4)
+    share_layers_(model, every=2)
+    batches = [{"input_ids": torch.randint(5, 40, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    with pytest.raises(SlimTuneError, match="shares its weight") as err:
+        quantize_(model, method=method, bits=4, group_size=32, batches=batches)
+    assert "method: rtn" in err.value.hint
+    assert all(isinstance(m, nn.Linear) for i in range(4) for m in arch.layers(model)[i].modules() if hasattr(m, "in_features"))
+
+
+def test_share_over_differently_pruned_layers_recomputes_the_sparsity_and_says_so(write_recipe, tmp_path, tiny_bert_6_layers, caplog):
+    """Issue 13, defect 4: info printed the 2:4 record of the pruning that share's mean had undone."""
+    import logging
+
+    from slimtune.compress.invariants import holds_pattern, weight_of
+
+    recipe = write_recipe("- prune: {method: magnitude, pattern: '2:4'}\n- share: {every: 2, init: mean}\n", model=tiny_bert_6_layers)
+    with caplog.at_level(logging.WARNING):
+        result = slimtune.run(recipe, out=tmp_path / "run")
+    shared = result.artifact
+    record = shared.compression["prune"]
+    weights = [weight_of(shared.model, n) for n in record["modules"]]
+    measured = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert record["overall"] == pytest.approx(measured, abs=0) and measured < 0.5
+    assert record["pattern"] is None and not all(holds_pattern(w, "2:4") for w in weights)
+    assert "stage 02-share: the pruned weights changed: sparsity 0.5000 -> " in caplog.text
+    assert "the 2:4 pattern no longer holds" in caplog.text
+    assert main(["info", str(result.stages[-1].path), "--json"]) == 0
+
+
+def test_share_with_init_first_keeps_the_pruning_it_copies(write_recipe, tmp_path, tiny_bert_6_layers, caplog):
+    import logging
+
+    recipe = write_recipe("- prune: {method: magnitude, pattern: '2:4'}\n- share: {every: 2, init: first}\n", model=tiny_bert_6_layers)
+    with caplog.at_level(logging.WARNING):
+        result = slimtune.run(recipe, out=tmp_path / "run")
+    assert result.artifact.compression["prune"]["pattern"] == "2:4"
+    assert "pruned weights changed" not in caplog.text
