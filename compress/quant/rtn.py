@@ -123,14 +123,22 @@ def search_group_params(w: torch.Tensor, h: torch.Tensor, scheme: QuantScheme, g
     """
     w = w.float()
     h_gg = diagonal_blocks(h.float(), group_size)  # (G, g, g)
-    best_shrink = torch.ones(w.shape[0], num_groups(w.shape[1], group_size), device=w.device)  # (N, G)
-    best_err = torch.full_like(best_shrink, float("inf"))
-    for i in range(max(1, int(max_shrink * grid))):
-        scales, zeros = group_params(w, scheme, group_size, 1 - i / grid)
-        q = dequantize_codes(quantize_codes(w, scales, zeros, scheme.bits, group_size), scales, zeros, scheme.bits, group_size)
-        err = group_errors(grouped(q - w, group_size), h_gg)  # (N, G)
-        better = err < best_err
-        best_err[better], best_shrink[better] = err[better], 1 - i / grid
+    wg = grouped(w, group_size)  # (N, G, g); padding is 0, rounds to 0 and adds no error
+    shrinks = 1 - torch.arange(max(1, int(max_shrink * grid)), device=w.device, dtype=torch.float64) / grid  # (S,)
+    lo, hi = code_range(scheme.bits)
+    best_err = torch.full(wg.shape[:2], float("inf"), device=w.device)  # (N, G)
+    best_shrink = torch.ones_like(best_err)
+    chunk = max(1, 2 ** 22 // wg.numel())  # candidates per batch: ~16 MB per (S, N, G, g) temporary
+    for start in range(0, len(shrinks), chunk):
+        p = shrinks[start:start + chunk]
+        scales, zeros = group_params(w, scheme, group_size, p.float()[:, None, None])  # (S, N, G): each candidate's parameters
+        zero = zeros.float() if zeros is not None else torch.full_like(scales, float(symmetric_zero(scheme.bits)))
+        s, z = scales[..., None], zero[..., None]
+        d = (torch.clamp(torch.round(wg / s) + z, lo, hi) - z) * s - wg  # (S, N, G, g), as quantize_codes rounds
+        err = group_errors(d.reshape(-1, *wg.shape[1:]), h_gg).reshape(len(p), *wg.shape[:2])  # (S, N, G)
+        err, index = err.min(0)  # the first (widest) of equal errors
+        better = err < best_err  # an earlier chunk wins ties, as the widest range
+        best_err[better], best_shrink[better] = err[better], p.float()[index][better]
     return group_params(w, scheme, group_size, best_shrink)
 
 
