@@ -168,6 +168,16 @@ def share_layers_(model: nn.Module, groups: list[list[int]] | None = None, every
 
 def sharing_intact(model: nn.Module, groups: list[list[int]]) -> bool:
     """True when every parameter (and packed buffer) of every group's members is one object."""
+    return _members_agree(model, groups, lambda t, lead: t is lead)
+
+
+def sharing_holds_in_values(model: nn.Module, groups: list[list[int]]) -> bool:
+    """True when every group's members hold equal values (so re-tying changes nothing)."""
+    return _members_agree(model, groups, lambda t, lead: t.shape == lead.shape and torch.equal(t, lead))
+
+
+def _members_agree(model: nn.Module, groups: list[list[int]], same) -> bool:
+    """Every group's members exist and ``same(tensor, lead's tensor)`` holds for each of their tied tensors."""
     blocks = arch.layers(model)
     if any(i >= len(blocks) for group in groups for i in group):
         return False
@@ -175,7 +185,7 @@ def sharing_intact(model: nn.Module, groups: list[list[int]]) -> bool:
         lead = _tied(blocks[group[0]])
         for i in group[1:]:
             other = _tied(blocks[i])
-            if other.keys() != lead.keys() or any(t is not lead[n] for n, t in other.items()):
+            if other.keys() != lead.keys() or not all(same(t, lead[n]) for n, t in other.items()):
                 return False
     return True
 
@@ -190,20 +200,6 @@ def _tied(block: nn.Module) -> dict[str, torch.Tensor]:
         if hasattr(module, "shared_copy"):
             tensors.update((f"{name}.{n}" if name else n, b) for n, b in module.named_buffers(recurse=False) if b is not None)
     return tensors
-
-
-def sharing_holds_in_values(model: nn.Module, groups: list[list[int]]) -> bool:
-    """True when every group's members hold equal values (so re-tying changes nothing)."""
-    blocks = arch.layers(model)
-    if any(i >= len(blocks) for group in groups for i in group):
-        return False
-    for group in groups:
-        lead = _tied(blocks[group[0]])
-        for i in group[1:]:
-            other = _tied(blocks[i])
-            if other.keys() != lead.keys() or any(t.shape != lead[n].shape or not torch.equal(t, lead[n]) for n, t in other.items()):
-                return False
-    return True
 
 
 @torch.no_grad()

@@ -152,8 +152,9 @@ def test_quantizing_a_quantized_artifact_again_exits_2(write_recipe, tmp_path, c
     out = tmp_path / "run"
     code, _, err = cli(capsys, "run", write_recipe("- quantize: {bits: 8}\n- quantize: {bits: 8}\n"), "--out", out, "--set", "task.limit=64")
     assert code == 2, err
-    assert "already quantized" in err and "Traceback" not in err
-    assert stage_dirs(out) == ["01-quantize"]  # the finished stage stays; the failed one left nothing
+    assert "stages[1] quantize needs float linears, but stages[0] quantize already quantized the model" in err
+    assert "Traceback" not in err
+    assert stage_dirs(out) == []  # refused at validation: nothing written
 
 
 def test_a_resolved_config_validates_again():

@@ -183,7 +183,7 @@ def test_cli_exits_2_on_layers_that_cannot_share(write_recipe, tmp_path, capsys)
     code = main(["run", str(write_recipe("- share: {groups: [[0, 2]]}\n")), "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert "groups: layer(s) [2] do not exist" in err and "Traceback" not in err
+    assert "stages[0] share: layers [2] do not exist; the model entering it has 2 layers" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "01-share").exists()
 
 

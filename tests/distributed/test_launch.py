@@ -183,10 +183,12 @@ def test_every_shipped_recipe_runs_under_nproc_2(name, tiny_bert_6_layers, tiny_
 
 
 def test_bad_input_found_inside_a_launched_stage_exits_2_once_with_nothing_written(write_recipe, tmp_path):
-    recipe = write_recipe("- finetune: {epochs: 1}\n- distill: {student: {layers: [0, 5]}}\n")  # the tiny BERT has 2 layers
+    # A teacher directory is read only when the stage runs (a bad layer list is refused at validation now).
+    missing = tmp_path / "no-such-teacher"
+    recipe = write_recipe(f"- finetune: {{epochs: 1}}\n- distill: {{student: {{layers: [0]}}, teacher: {missing}}}\n")
     proc = slimtune_cli("run", recipe, "--out", tmp_path / "run", "--nproc", "2", "--quiet", "--set", "task.limit=32")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert proc.stderr.count("error: student.layers: layer(s) [5] do not exist") == 1
+    assert proc.stderr.count(f"error: artifact directory {str(missing)!r} does not exist") == 1
     assert (tmp_path / "run" / "01-finetune").is_dir() and not (tmp_path / "run" / "02-distill").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if ".tmp-" in p.name]
     assert not leftover_processes(str(tmp_path / "run"))
