@@ -173,6 +173,8 @@ def sparsity_lines(prune: dict, most: int = 24) -> str:
     modules = prune["modules"]
     lines = [f"overall {prune['overall']:.4f} ({prune['method']}, target {prune['target']:.4g}"
              + (f", pattern {prune['pattern']})" if prune.get("pattern") else f", scope {prune.get('scope')})")]
+    if prune.get("changed"):  # a later stage (e.g. share: {init: mean}) changed the pruned weights
+        lines.append(f"a later stage changed it: {prune['changed'].split(': ', 1)[-1]}")
     if len(modules) <= most:
         return "\n".join(lines + [f"{name}  {value:.4f}" for name, value in modules.items()])
     groups: dict[str, list[float]] = {}

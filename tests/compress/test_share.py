@@ -273,7 +273,7 @@ def test_calibrated_quantization_of_shared_layers_is_refused_with_the_fix(method
     assert all(isinstance(m, nn.Linear) for i in range(4) for m in arch.layers(model)[i].modules() if hasattr(m, "in_features"))
 
 
-def test_share_over_differently_pruned_layers_recomputes_the_sparsity_and_says_so(write_recipe, tmp_path, tiny_bert_6_layers, caplog):
+def test_share_over_differently_pruned_layers_recomputes_the_sparsity_and_says_so(write_recipe, tmp_path, tiny_bert_6_layers, caplog, capsys):
     """Issue 13, defect 4: info printed the 2:4 record of the pruning that share's mean had undone."""
     import logging
 
@@ -290,7 +290,10 @@ def test_share_over_differently_pruned_layers_recomputes_the_sparsity_and_says_s
     assert record["pattern"] is None and not all(holds_pattern(w, "2:4") for w in weights)
     assert "stage 02-share: the pruned weights changed: sparsity 0.5000 -> " in caplog.text
     assert "the 2:4 pattern no longer holds" in caplog.text
-    assert main(["info", str(result.stages[-1].path), "--json"]) == 0
+    assert main(["info", str(result.stages[-1].path)]) == 0
+    shown = capsys.readouterr().out
+    assert f"overall {measured:.4f} (magnitude, target 0.5, scope layer)" in shown
+    assert "a later stage changed it: sparsity 0.5000 -> " in shown and "pattern 2:4" not in shown
 
 
 def test_share_with_init_first_keeps_the_pruning_it_copies(write_recipe, tmp_path, tiny_bert_6_layers, caplog):
