@@ -104,12 +104,19 @@ class Shared(Invariant):
 
     def check(self, model, record):
         groups = record.get("groups", [])
-        if sharing_intact(model, groups):
+        held = []
+        for group in groups:
+            if not sharing_intact(model, [group]) and sharing_holds_in_values(model, [group]):
+                retie_(model, [group])
+            if sharing_intact(model, [group]):
+                held.append(group)
+        if held == groups:
             return record, None
-        if sharing_holds_in_values(model, groups):
-            retie_(model, groups)
-            return record, None
-        return None, f"layers {groups} no longer share their weights (trained apart or replaced); the share record is dropped"
+        lost = [g for g in groups if g not in held]
+        what = f"layers {lost} no longer share their weights (trained apart, or not in this model)"
+        if not held:
+            return None, what + "; the share record is dropped"
+        return {**record, "groups": held}, what + f"; the share record keeps {held}"
 
 
 class Quantized(Invariant):
