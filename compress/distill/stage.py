@@ -58,13 +58,13 @@ class Distill:
                                    "distill before quantize, or give the student a narrower config of its own "
                                    "(student: {num_layers: N, hidden_size: H})")
         if spec.first is not None:
-            named, kept = list(range(spec.first)), spec.first
+            field, named, kept = "student.first", list(range(spec.first)), spec.first
         elif spec.layers == "every_other":
-            named, kept = [], None if state.layers is None else -(-state.layers // 2)
+            field, named, kept = "student.layers", [], None if state.layers is None else -(-state.layers // 2)
         else:
-            named, kept = list(spec.layers), len(spec.layers)
+            field, named, kept = "student.layers", list(spec.layers), len(spec.layers)
         if state.layers is not None and any(i >= state.layers for i in named):
-            raise CompositionError(f"{this}: the student keeps layers {named}, but the model entering it has {state.layers} "
+            raise CompositionError(f"{this}: {field} keeps layers {named}, but the model entering it has {state.layers} "
                                    f"layers (0..{state.layers - 1})", "keep existing layers")
         # The student is trained densely (no pruning kept) and keeps the teacher's widths and ties.
         return state.but(sparse=None, layers=kept)
