@@ -155,11 +155,14 @@ def test_pair_runs_right_or_is_refused_up_front(trained, held, which, first, sec
 
 @pytest.mark.parametrize("which, first, second", EXPORTED, ids=[f"{w}-{a}__{b}".replace(" ", "_").replace(":", "of") for w, a, b in EXPORTED])
 def test_composed_model_exports_to_onnx_with_parity(trained, which, first, second):
-    """The export stage itself fails when ONNX Runtime's outputs differ from PyTorch's by more than its atol (1e-3)."""
+    """The export stage itself fails when ONNX Runtime's outputs differ from PyTorch's by more than its atol.
+
+    The bound is the export stage's own ``atol`` (1e-3, its default), not a new one. Prediction agreement is
+    not asserted: outputs within 1e-3 may still flip an argmax at a near-tie, which no bound excludes.
+    """
     recipe = _write_pair(trained, which, first, second, export=True)
     result = slimtune.run(recipe, out=trained["root"] / "runs" / f"{which}-{first}".replace(" ", "_"))
-    export = result.stages[2].metrics
-    assert export["max_abs_diff"] <= 1e-3 and export["prediction_agreement"] >= 0.9
+    assert result.stages[2].metrics["max_abs_diff"] <= 1e-3
 
 
 def _write_pair(trained: dict, which: str, first: str, second: str, export: bool = False) -> Path:

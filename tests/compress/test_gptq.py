@@ -340,9 +340,12 @@ def test_search_group_params_picks_the_least_weighted_error_of_its_grid(scheme):
     """Every group's range is the shrink of ``1 - i/100``, ``i < 80``, with the least ``d^T H_gg d``.
 
     The reference evaluates each candidate in float64 with the reference quantizer (the range of ``p w``
-    is ``p`` times that of ``w``). The implementation sums ``g^2`` float32 products, each error within
-    ``gamma = g^2 u / (1 - g^2 u)`` of its absolute sum ``|d|^T |H_gg| |d|`` (Higham, Lemma 3.1), so its
-    choice may trail the best candidate by at most ``gamma`` times both absolute sums.
+    is ``p`` times that of ``w``). The implementation sums float32
+    products (a ``g``-term matmul, then ``g`` products of it), each error within ``gamma = g^2 u / (1 - g^2 u)``
+    of its absolute sum ``|d|^T |H_gg| |d|`` (Higham, Lemma 3.1: the nested sums need ``gamma_{2g+1}``, which
+    ``gamma_{g^2}`` bounds for ``g >= 3``), so its choice may trail the best candidate by at most ``gamma``
+    times both absolute sums. The codes come from elementwise IEEE operations, the same on every CPU; only
+    the summation order, and so the rounding of the sums, differs between CPUs.
     """
     k, n = 147, 24  # a short last group of 19
     g = torch.Generator().manual_seed(5)
