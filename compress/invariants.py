@@ -58,7 +58,7 @@ class Pruned(Invariant):
         masks = {}
         for name in record.get("modules", {}):
             weight = weight_of(model, name)
-            if weight is not None and not hasattr(model.get_submodule(name), "dequantized_weight"):
+            if weight is not None and not _is_packed(model, name):
                 masks[name] = weight.detach() != 0  # True = keep
         if not masks:
             return None
