@@ -37,7 +37,7 @@ from slimtune.models import parameter_count
 from slimtune.recipe import Strict
 from slimtune.registry import register_stage
 from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.recover import RecoverConfig, frozen_copy, recover
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def share_layers_(model: nn.Module, groups: list[list[int]] | None = None, every
     """Share the weights of groups of blocks, in place (ALBERT-style cross-layer sharing).
 
     Args:
-        model: a transformers model of a family :mod:`slimtune.compress.arch` knows.
+        model: a transformers model of a family :mod:`slimtune.arch` knows.
         groups: lists of layer indices that share one set of weights, e.g.
             ``[[0, 1], [2, 3]]``; layers in no group keep their own weights.
         every: instead of ``groups``: consecutive groups of ``every`` layers

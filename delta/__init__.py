@@ -1,5 +1,16 @@
-"""Delta tuning: LoRA, adapters, prefix-tuning, BitFit, ladder side-tuning.
+"""Delta tuning: LoRA (and DoRA, and over quantized weights), adapters, prefix-tuning, BitFit, ladder side-tuning.
 
-Stages land here with the Delta-tuning issue; the package fixes the
-``slimtune.delta`` namespace.
+Each method is a recipe stage and a Python function on a plain transformers
+model or a SlimTune artifact's model::
+
+    from slimtune.delta import add_lora_, merge_and_unload_, save_delta, load_delta_
+    add_lora_(model, targets=["query", "value"], rank=8)
+
+Targeting and wrapping (roles, globs, regexes; attach, switch, disable,
+detach) live in :mod:`slimtune.delta.inject`; saving in :mod:`slimtune.delta.io`.
 """
+
+from slimtune.delta.inject import (DeltaLayer, TrainedCopy, delta_names, deltas, detach_, detached, disabled,  # noqa: F401
+                                   freeze_backbone_, select_modules, set_active, trainable_summary)
+from slimtune.delta.lora import LoraLinear, add_lora_, merge_, merge_and_unload_, unmerge_  # noqa: F401 - registers "lora"
+from slimtune.delta.io import load_delta_, save_delta  # noqa: F401 - registers the "deltas" attachment

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,9 @@ class Artifact:
             at load time, for surgery the config cannot express (e.g. the head
             count of a BERT attention whose heads were removed); when present,
             linear layers take the shapes stored in the weight file.
+        attachments: ``{key: record}`` of parts attached on top of the backbone
+            without changing it (``"deltas"``), saved and reloaded by the
+            :class:`slimtune.registry.Attachment` registered for ``key``.
         path: the directory it was loaded from or saved to, if any.
         metrics: what was measured of this model after its last stage
             (``metrics.json``): ``load`` reads them and ``save`` writes them
@@ -86,6 +89,7 @@ class Artifact:
     module_attrs: dict = field(default_factory=dict)
     path: Path | None = None
     metrics: dict = field(default_factory=dict)
+    attachments: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str | None:
@@ -102,6 +106,7 @@ class Artifact:
             "compression": self.compression,
             "module_attrs": self.module_attrs,
             "ties": shared_parameters(self.model),
+            **({"attachments": self.attachments} if self.attachments else {}),
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -120,14 +125,37 @@ class Artifact:
 
     def write_into(self, directory: Path) -> None:
         """Write the files into an existing (temporary) directory."""
+        from slimtune.registry import ATTACHMENTS, ensure_loaded
+
         directory.mkdir(parents=True, exist_ok=True)
-        ties = shared_parameters(self.model)
-        if ties:
+        if self.attachments:
+            ensure_loaded()
+        present = [k for k, a in ATTACHMENTS.items() if a.present(self.model)]
+        with ExitStack() as stack:
+            for key in present:
+                stack.enter_context(ATTACHMENTS[key].stripped(self.model))
+            self._write_backbone(directory, set().union(*(ATTACHMENTS[k].bound_to(self.attachments.get(k)) for k in present)))
+        sha = file_sha256(directory / WEIGHTS_FILE)
+        self.attachments = {k: ATTACHMENTS[k].save(self.model, self.attachments.get(k), directory, sha) for k in present}
+        self.tokenizer.save_pretrained(directory)
+        self.write_meta(directory)
+
+    def _write_backbone(self, directory: Path, bound: set) -> None:
+        """Config and weights of the (bare) model; the weight file is a hard link to the loaded one when
+        every attachment is bound to exactly that file (so a delta stage never copies its backbone)."""
+        source = self.path / WEIGHTS_FILE if self.path is not None else None
+        if len(bound) == 1 and source is not None and source.is_file() and file_sha256(source) in bound:
+            try:
+                os.link(source, directory / WEIGHTS_FILE)
+            except OSError:
+                shutil.copy2(source, directory / WEIGHTS_FILE)
+            self.model.config.save_pretrained(directory)
+            if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+                self.model.generation_config.save_pretrained(directory)
+        elif shared_parameters(self.model):
             save_deduplicated(self.model, directory)
         else:
             self.model.save_pretrained(directory, safe_serialization=True)
-        self.tokenizer.save_pretrained(directory)
-        self.write_meta(directory)
 
     def write_meta(self, directory: Path) -> None:
         """``slimtune.json`` for the files already in ``directory`` (the manifest covers them all)."""
@@ -225,12 +253,27 @@ def load(directory: str | Path) -> Artifact:
     if meta.get("ties"):
         _apply_ties(model, meta["ties"])
     _load_state(model, state, directory / WEIGHTS_FILE)
+    attachments = meta.get("attachments") or {}
+    if attachments:
+        _attach(model, attachments, directory, meta)
     model.eval()
     return Artifact(
         model=model, tokenizer=tokenizer, task=task, labels=meta.get("labels"), lineage=meta.get("lineage", []),
         swaps=meta.get("swaps", []), compression=meta.get("compression", {}), module_attrs=meta.get("module_attrs", {}), path=directory,
-        metrics=read_metrics(directory),
+        metrics=read_metrics(directory), attachments=attachments,
     )
+
+
+def _attach(model: nn.Module, attachments: dict, directory: Path, meta: dict) -> None:
+    """Put back what the artifact records on top of its backbone (deltas), from the files beside it."""
+    from slimtune.registry import ATTACHMENTS, ensure_loaded
+
+    ensure_loaded()
+    sha = ((meta.get("files") or {}).get(WEIGHTS_FILE) or {}).get("sha256") or file_sha256(directory / WEIGHTS_FILE)
+    for key, recorded in attachments.items():
+        if key not in ATTACHMENTS:
+            raise ArtifactError(f"{directory}: attachment {key!r} is not known to this SlimTune", "install the SlimTune version that wrote this artifact")
+        ATTACHMENTS[key].load(model, recorded, directory, sha)
 
 
 @contextmanager

@@ -7,6 +7,8 @@ The core owns three tables and never imports algorithm code to fill them:
 * module types: name -> ``nn.Module`` class an artifact may contain in place of
   an original layer (e.g. a quantized linear), rebuilt on load;
 * ONNX lowerings: torch op -> onnxscript function, handed to the exporter;
+* attachments: artifact metadata key (``"deltas"``) -> what saves, strips and
+  reloads parts a package adds on top of a backbone without changing it;
 * invariants: compression record key (``"prune"``, ``"share"``, ...) -> what
   keeps that property through later training and re-checks it after every
   stage (:func:`slimtune.stage.reconcile`).
@@ -27,6 +29,7 @@ STAGES: dict[str, type] = {}
 MODULE_TYPES: dict[str, type] = {}
 ONNX_LOWERINGS: dict[Any, Callable] = {}
 INVARIANTS: dict[str, "Invariant"] = {}
+ATTACHMENTS: dict[str, "Attachment"] = {}
 _loader: Callable[[], None] | None = None
 
 
@@ -88,6 +91,45 @@ class Invariant:
 def register_invariant(key: str, invariant: Invariant) -> None:
     """Keep and re-check ``compression[key]`` records with ``invariant``."""
     INVARIANTS[key] = invariant
+
+
+class Attachment:
+    """Parts a package attaches on top of a backbone (deltas), stored beside its unchanged weight files.
+
+    :meth:`slimtune.artifact.Artifact.save` writes the backbone inside every
+    attachment's :meth:`stripped` context (so its files are the backbone's own,
+    and may be hard links to them), then calls :meth:`save`; loading an
+    artifact calls :meth:`load` after the backbone's weights are in place.
+    """
+
+    def present(self, model) -> bool:
+        """Whether ``model`` carries this attachment."""
+        return False
+
+    def bound_to(self, recorded) -> set[str]:
+        """The sha256s of the backbone weight files ``recorded`` (what the artifact holds) is bound to."""
+        return set()
+
+    def stripped(self, model):
+        """A context manager in which ``model`` is the bare backbone."""
+        raise NotImplementedError
+
+    def save(self, model, info, directory, backbone_sha256: str) -> Any:
+        """Write this attachment's files into ``directory``; return what ``slimtune.json`` records of it.
+
+        ``info`` is what the artifact recorded so far (None when nothing);
+        ``backbone_sha256`` is the sha256 of the backbone weight file written beside it.
+        """
+        raise NotImplementedError
+
+    def load(self, model, recorded, directory, backbone_sha256: str) -> None:
+        """Attach what ``recorded`` (as :meth:`save` returned it) describes, from the files in ``directory``."""
+        raise NotImplementedError
+
+
+def register_attachment(key: str, attachment: Attachment) -> None:
+    """Save and reload ``slimtune.json``'s ``attachments[key]`` with ``attachment``."""
+    ATTACHMENTS[key] = attachment
 
 
 def get_stage(name: str) -> type:

@@ -109,6 +109,8 @@ class ModelState:
         sparse: the weights carry pruning's zeros (unstructured or N:M).
         uneven: structured pruning removed heads or FFN neurons, so blocks may differ in width.
         layers: transformer blocks (None: unknown, e.g. before the model is read).
+        deltas: names of the deltas attached (and not merged) by delta stages.
+        delta_stage: the first stage that attached one.
     """
 
     quantized: str | None = None
@@ -116,6 +118,8 @@ class ModelState:
     sparse: str | None = None
     uneven: str | None = None
     layers: int | None = None
+    deltas: tuple[str, ...] = ()
+    delta_stage: str | None = None
 
     def but(self, **changes) -> "ModelState":
         return replace(self, **changes)
@@ -133,7 +137,13 @@ def compose_stages(stages: list, state: ModelState, where=lambda i: f"stages[{i}
     from slimtune.registry import get_stage
 
     for i, spec in enumerate(stages):
-        compose = getattr(get_stage(spec.name), "compose", None)
+        cls = get_stage(spec.name)
+        if state.deltas and cls.changes_model and not getattr(cls, "takes_deltas", False):
+            raise CompositionError(
+                f"{where(i)}: stages[{i}] {spec.name} would change the backbone, but {state.delta_stage} attached "
+                f"delta(s) {', '.join(state.deltas)} that are bound to it",
+                f"put {spec.name} before {state.delta_stage}, or fold the delta in with merge: true")
+        compose = getattr(cls, "compose", None)
         if compose is not None:
             try:
                 state = compose(spec.config, state, f"stages[{i}] {spec.name}")

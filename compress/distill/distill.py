@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.distill.objective import (DistillationModel, DistillConfig, DistillObjective, LossWeights,
                                                  TeacherCache, default_weights, uniform_layer_map)
 from slimtune.compress.distill.student import StudentSpec, _recipe_error, build_student

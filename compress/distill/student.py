@@ -9,7 +9,7 @@
   teacher) is the teacher's config with those overrides, initialised
   randomly by the model class, with the same tokenizer and task head shape.
 
-Both work for every family :mod:`slimtune.compress.arch` knows (BERT-style
+Both work for every family :mod:`slimtune.arch` knows (BERT-style
 encoders, Llama-style decoders). Limits: a layer-subset student of a model
 with swapped (e.g. quantized) modules is not supported.
 """
@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.errors import RecipeError, SlimTuneError
 from slimtune.recipe import Strict
 
@@ -93,7 +93,7 @@ def build_student(teacher: nn.Module, spec: StudentSpec | dict) -> nn.Module:
     """A new student model (the teacher is left untouched).
 
     Args:
-        teacher: a transformers model of a family :mod:`~slimtune.compress.arch` knows.
+        teacher: a transformers model of a family :mod:`~slimtune.arch` knows.
         spec: a :class:`StudentSpec` or its dict form, e.g. ``{"layers": [0, 2]}``.
 
     Returns:

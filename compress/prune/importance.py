@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.tasks import model_inputs
 
 METHODS = ("gradient", "weight", "activation")

@@ -25,14 +25,14 @@ Limits: only ``nn.Linear`` weights are pruned (biases, embeddings, norms and
 
 from __future__ import annotations
 
-import fnmatch
 import re
 import torch
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from slimtune.errors import SlimTuneError
-from slimtune.compress import arch
+from slimtune import arch
+from slimtune.arch import matches  # noqa: F401 - re-exported: quantize and prune choose modules alike
 
 Masks = dict[str, torch.Tensor]
 
@@ -88,11 +88,6 @@ def target_linears(model: nn.Module, include: list[str] | None = None, exclude: 
         raise SlimTuneError(f"no linear layer chosen (include={include}, exclude={list(exclude)})",
                             "check the include/exclude globs against the model's module names (print(model))")
     return targets
-
-
-def matches(name: str, patterns) -> bool:
-    """Whether a module name matches any pattern: a glob (``"*.attention.*"``) or a regex written ``"re:<regex>"`` (full match)."""
-    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def pruned_count(n: int, sparsity: float) -> int:

@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.prune.importance import LAYER_SCORES, METHODS, importance_scores
 from slimtune.errors import SlimTuneError
 from slimtune.models import parameter_count
@@ -198,7 +198,7 @@ def prune_structured_(model: nn.Module, heads: float = 0.0, ffn: float = 0.0, la
     """Remove attention heads, FFN neurons and whole blocks from ``model``, in place.
 
     Args:
-        model: a transformers model of a family :mod:`slimtune.compress.arch` knows.
+        model: a transformers model of a family :mod:`slimtune.arch` knows.
         heads: fraction of attention heads to remove from every block, in [0, 1) (rounding: module docstring).
         ffn: fraction of FFN neurons to remove from every block, in [0, 1).
         layers: how many whole blocks to remove (lowest importance), or their indices.

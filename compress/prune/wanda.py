@@ -22,7 +22,7 @@ Limits: padding tokens are excluded. Targeted linears outside the blocks
 (``include`` globs such as ``classifier``) are scored after every block is
 pruned, in one pass over the pruned model. A weight shared by several blocks
 is scored on all its uses and pruned at its last block (the earlier blocks
-run it dense). Models whose layout :mod:`slimtune.compress.arch` does not
+run it dense). Models whose layout :mod:`slimtune.arch` does not
 know are scored in one pass over the dense model. Gradual pruning
 (``schedule``) reuses the norms of one pass over the dense model, gathered
 before training (:func:`input_norms`).
@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.prune.calibrate import calibrate, real_tokens
 from slimtune.compress.prune.masks import Masks, apply_masks_, full_weight, masks_from_scores, target_linears
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks

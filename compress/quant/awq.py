@@ -20,7 +20,7 @@ channel), so the float model is unchanged. Then, as the reference's
 ``max|W_g * s| * (1 - i / grid)``, ``i < grid / 2``, that minimises the error
 of its partial outputs (not the attention query and key). The scaled, clipped
 weights are quantized with RTN into ``QuantLinear`` modules. Which ops fold
-is architecture knowledge: :func:`slimtune.compress.arch.input_groups`.
+is architecture knowledge: :func:`slimtune.arch.input_groups`.
 
 Output errors are computed exactly over all calibration tokens from the
 input's second-moment matrix ``H = E[x x^T]`` (``(K, K)``, as GPTQ's Hessian):
@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimTuneError
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
 from slimtune.compress.quant.linear import QuantLinear
@@ -239,7 +239,7 @@ def awq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Quan
     Listed linears outside the blocks (LM head, classifier) get plain RTN.
 
     Args:
-        model: a BERT- or Llama-family model (:mod:`slimtune.compress.arch`).
+        model: a BERT- or Llama-family model (:mod:`slimtune.arch`).
         batches: calibration batches (dicts with ``input_ids``, ``attention_mask``, ...).
         schemes: fully qualified linear name -> its scheme.
         grid: number of alpha values searched (clipping tries ``grid / 2`` thresholds).

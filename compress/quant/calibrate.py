@@ -16,7 +16,7 @@ knows nothing of them. Padding tokens are left out through each batch's
 Limits: the positional arguments the model passes its blocks (attention
 mask, rotary position embeddings, ...) are captured at block 0 and replayed
 unchanged for every block, which holds for the families of
-:mod:`slimtune.compress.arch` (no per-layer masks such as sliding windows);
+:mod:`slimtune.arch` (no per-layer masks such as sliding windows);
 the KV cache is switched off. The stem (embeddings) runs where the model
 lives; with ``device`` set, each block is moved there while it is processed.
 """
@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slimtune.compress.arch import layers
+from slimtune.arch import layers
 from slimtune.compress.prune.calibrate import Accumulator, real_tokens
 from slimtune.tasks import model_inputs
 
@@ -70,7 +70,7 @@ class BlockInputs:
         """Run the block; the input of each named submodule (name relative to the block) goes to its accumulator.
 
         Each named submodule is called once per block forward (true of the
-        linears of :mod:`slimtune.compress.arch`'s families); the forward
+        linears of :mod:`slimtune.arch`'s families); the forward
         stops as soon as all of them have had their input, so feeding the
         first linears of a block costs only the part of the block before them.
         """
@@ -104,7 +104,7 @@ def capture_inputs(model: nn.Module, batches: list[dict]) -> BlockInputs:
     """Run each batch until the model calls its first block; record that block's inputs.
 
     Args:
-        model: a model of a family :func:`slimtune.compress.arch.layers` knows.
+        model: a model of a family :func:`slimtune.arch.layers` knows.
         batches: dicts of model inputs (``input_ids``, ``attention_mask``, ...); other keys (labels) are ignored.
     """
     device = next(model.parameters()).device
@@ -140,7 +140,7 @@ def walk_blocks(model: nn.Module, batches: list[dict], process_block: Callable[[
     outputs of the changed block. The model is in eval mode meanwhile.
 
     Args:
-        model: a BERT- or Llama-family model (:mod:`slimtune.compress.arch`).
+        model: a BERT- or Llama-family model (:mod:`slimtune.arch`).
         batches: calibration batches (dicts of model inputs; labels are ignored).
         process_block: called once per block with its index, the block and its inputs.
         device: where blocks are processed; each block is moved there and back in turn

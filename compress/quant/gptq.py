@@ -32,7 +32,7 @@ Calibration is sequential across and inside blocks, as the reference's
 ``--true-sequential``: block ``i`` sees the outputs of the already quantized
 blocks before it (:mod:`slimtune.compress.quant.calibrate`), and inside a
 block the linears are quantized group by group in the order the block
-computes them (:func:`slimtune.compress.arch.input_groups`: q/k/v, then o on
+computes them (:func:`slimtune.arch.input_groups`: q/k/v, then o on
 the output of the quantized q/k/v, then the FFN inputs, then the FFN output
 on the quantized MLP's activations). The linears of a group read the same
 input, so they share one Hessian. Listed linears of a block that no group
@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from slimtune.errors import SlimTuneError
-from slimtune.compress.arch import input_groups, layers
+from slimtune.arch import input_groups, layers
 from slimtune.compress.kernels.reference import code_range, symmetric_zero
 from slimtune.compress.prune.calibrate import real_tokens
 from slimtune.compress.quant.calibrate import BlockInputs, walk_blocks
@@ -226,7 +226,7 @@ def gptq_quantize_(model: nn.Module, batches: list[dict], schemes: dict[str, Qua
     produce, the others (``lm_head``, a classifier) round-to-nearest.
 
     Args:
-        model: a BERT- or Llama-family model (:mod:`slimtune.compress.arch`).
+        model: a BERT- or Llama-family model (:mod:`slimtune.arch`).
         batches: calibration batches (dicts of model inputs; labels are ignored).
         schemes: ``{fully qualified linear name (as in named_modules()): scheme}``.
         damp, block_size, act_order, clip_search: see :func:`gptq_quantize_weight`.
@@ -294,7 +294,7 @@ def check_targets(model: nn.Module, schemes: dict[str, QuantScheme]) -> None:
 def sequential_groups(model: nn.Module, index: int, targets: dict[str, str]) -> list[tuple[str, ...]]:
     """The listed linears of block ``index`` (names relative to it) in true-sequential order.
 
-    Groups of linears reading one input (:func:`slimtune.compress.arch.input_groups`, in
+    Groups of linears reading one input (:func:`slimtune.arch.input_groups`, in
     computation order) keep only their listed members; listed linears no group names come
     last, one group each.
     """

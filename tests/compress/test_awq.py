@@ -16,7 +16,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from slimtune.errors import SlimTuneError
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.quant import awq as awq_module
 from slimtune.compress.quant.awq import (InputStats, awq_quantize_, awq_scale, clip_search, fold_scale_, quantized_error,
                                         search_scale)

@@ -36,7 +36,7 @@ from torch import nn
 import slimtune
 from slimtune.artifact import Artifact, load
 from slimtune.cli import main
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.invariants import holds_pattern, weight_of
 from slimtune.compress.share import sharing_intact
 from slimtune.errors import RecipeError

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import slimtune
-from slimtune.compress import arch, distill
+from slimtune import arch
+from slimtune.compress import distill
 from slimtune.compress.distill import (DistillationModel, StudentSpec, attention_kl, build_student,
                                        embedding_loss, hidden_mse, soft_kl, uniform_layer_map)
 from slimtune.distributed.testing import compare_strategies

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.compress.arch import layers
+from slimtune.arch import layers
 from slimtune.compress.kernels.reference import code_range, dequantize, symmetric_zero, unpack
 from slimtune.compress.quant import gptq as gptq_module
 from slimtune.compress.quant.calibrate import walk_blocks

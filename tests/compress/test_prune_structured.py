@@ -11,7 +11,7 @@ import transformers
 
 import slimtune
 from slimtune.artifact import Artifact
-from slimtune.compress import arch
+from slimtune import arch
 from slimtune.compress.prune import importance as imp
 from slimtune.compress.prune.structured import heads_to_remove, parameter_count, prune_structured_, removal_count
 from slimtune.errors import SlimTuneError

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from slimtune.errors import SlimTuneError
 from slimtune.tasks import Collator
-from slimtune.compress import apply_masks_, arch, prune_
+from slimtune import arch
+from slimtune.compress import apply_masks_, prune_
 from slimtune.compress.prune.calibrate import calibrate
 from slimtune.compress.prune.masks import keep_largest, nm_mask, parse_pattern, target_linears
 from slimtune.compress.prune.schedule import GradualPruner, cubic_sparsity

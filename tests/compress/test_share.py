@@ -13,7 +13,8 @@ from transformers import AutoTokenizer, BertForSequenceClassification
 import slimtune
 from slimtune.artifact import Artifact
 from slimtune.cli import main
-from slimtune.compress import arch, share_layers_
+from slimtune import arch
+from slimtune.compress import share_layers_
 from slimtune.compress.share import retie_, sharing_intact
 from slimtune.distributed.testing import compare_strategies
 from slimtune.errors import RecipeError, SlimTuneError

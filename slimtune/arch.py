@@ -24,6 +24,8 @@ Anything else raises :class:`UnknownArchitecture` naming the model type.
 from __future__ import annotations
 
 import copy
+import fnmatch
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -320,3 +322,62 @@ def input_groups(model: nn.Module, index: int) -> list[InputGroup]:
             InputGroup(o, family.v, "linear") if o_reads_v else InputGroup(o),
             InputGroup(family.ffn_inputs),
             InputGroup((family.ffn_output,))]
+
+
+# ------------------------------------------------------------------ projection roles
+# Where the projections a delta may adapt sit, by role, as regexes over qualified
+# module names (searched, so a task head's prefix such as ``bert.`` or
+# ``model.`` is free). One table per family of ``config.model_type``; fused
+# projections (GPT-2's ``c_attn`` holds query, key and value) answer all the
+# roles they serve. Pruned, shared and quantized students keep these names.
+ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
+_BERT_ROLES = {"query": r"\.attention\.self\.query$", "key": r"\.attention\.self\.key$",
+               "value": r"\.attention\.self\.value$", "attn_out": r"\.attention\.output\.dense$",
+               "ffn_in": r"\.intermediate\.dense$", "ffn_out": r"\.layer\.\d+\.output\.dense$"}
+_LLAMA_ROLES = {"query": r"\.self_attn\.q_proj$", "key": r"\.self_attn\.k_proj$", "value": r"\.self_attn\.v_proj$",
+                "attn_out": r"\.self_attn\.o_proj$", "ffn_in": r"\.mlp\.(gate|up)_proj$", "ffn_out": r"\.mlp\.down_proj$"}
+ROLE_PATTERNS: dict[tuple[str, ...], dict[str, str]] = {
+    FAMILIES[0].model_types: _BERT_ROLES,
+    FAMILIES[1].model_types: _LLAMA_ROLES,
+    ("distilbert",): {"query": r"\.attention\.q_lin$", "key": r"\.attention\.k_lin$", "value": r"\.attention\.v_lin$",
+                      "attn_out": r"\.attention\.out_lin$", "ffn_in": r"\.ffn\.lin1$", "ffn_out": r"\.ffn\.lin2$"},
+    ("gpt2",): {"query": r"(^|\.)h\.\d+\.attn\.c_attn$", "key": r"(^|\.)h\.\d+\.attn\.c_attn$", "value": r"(^|\.)h\.\d+\.attn\.c_attn$",
+                "attn_out": r"(^|\.)h\.\d+\.attn\.c_proj$", "ffn_in": r"(^|\.)h\.\d+\.mlp\.c_fc$", "ffn_out": r"(^|\.)h\.\d+\.mlp\.c_proj$"},
+    ("t5", "mt5", "umt5"): {"query": r"\.(SelfAttention|EncDecAttention)\.q$", "key": r"\.(SelfAttention|EncDecAttention)\.k$",
+                            "value": r"\.(SelfAttention|EncDecAttention)\.v$", "attn_out": r"\.(SelfAttention|EncDecAttention)\.o$",
+                            "ffn_in": r"\.DenseReluDense\.wi(_0|_1)?$", "ffn_out": r"\.DenseReluDense\.wo$"},
+}
+# The blocks of each family, for ``all-linear`` (every projection inside them; never a task or LM head).
+BLOCK_PATTERNS: dict[tuple[str, ...], str] = {
+    FAMILIES[0].model_types: r"(^|\.)encoder\.layer\.\d+\.", FAMILIES[1].model_types: r"(^|\.)layers\.\d+\.",
+    ("distilbert",): r"(^|\.)transformer\.layer\.\d+\.", ("gpt2",): r"(^|\.)h\.\d+\.",
+    ("t5", "mt5", "umt5"): r"(^|\.)block\.\d+\.",
+}
+
+
+def _family_table(model: nn.Module, table: dict) -> dict | str:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for types, value in table.items():
+        if model_type in types:
+            return value
+    known = ", ".join(t for types in table for t in types)
+    raise UnknownArchitecture(f"SlimTune does not know the projection roles of model type {model_type!r}",
+                              f"name modules by glob or re:regex instead, or use a model type SlimTune knows: {known}")
+
+
+def matches(name: str, patterns) -> bool:
+    """Whether a module name matches any pattern: a glob (``"*.attention.*"``) or a regex written ``"re:<regex>"`` (full match)."""
+    return any(re.fullmatch(p[3:], name) if p.startswith("re:") else fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def role_pattern(model: nn.Module, role: str) -> str:
+    """The regex over qualified module names that finds role ``role`` (one of :data:`ROLES`) in ``model``."""
+    if role not in ROLES:
+        raise SlimTuneError(f"unknown role {role!r}", f"use one of: {', '.join(ROLES)}, all-linear, a glob or re:<regex>")
+    return _family_table(model, ROLE_PATTERNS)[role]
+
+
+def block_pattern(model: nn.Module) -> str:
+    """The regex matching qualified names inside the transformer blocks of ``model``."""
+    return _family_table(model, BLOCK_PATTERNS)

@@ -1,0 +1,215 @@
+"""LoRA on tiny random models: identity at init, merge/unmerge, switching, detaching, quantized bases, artifacts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import slimtune
+from slimtune.compress import quantize_
+from slimtune.delta import (LoraLinear, add_lora_, deltas, detach_, disabled, load_delta_, merge_, merge_and_unload_,
+                            save_delta, select_modules, set_active, unmerge_)
+from slimtune.errors import ArtifactError, SlimTuneError
+from tests.conftest import recipe_text
+
+
+@pytest.fixture
+def bert(tiny_bert):
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+def _ids(model, shape=(3, 9), seed=1):
+    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model, std=0.5):
+    """Give every LoRA a nonzero B (fresh LoRAs are the identity)."""
+    g = torch.Generator().manual_seed(7)
+    for _, w in deltas(model):
+        if isinstance(w, LoraLinear):
+            w.lora_B.weight.data = torch.randn(w.lora_B.weight.shape, generator=g) * std
+
+
+def test_roles_resolve_per_family(bert, llama):
+    assert select_modules(bert, "query") == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert select_modules(bert, "ffn_out") == [f"bert.encoder.layer.{i}.output.dense" for i in range(2)]
+    assert select_modules(llama, "ffn_in") == [f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up")]
+    every = select_modules(llama, "all-linear")
+    assert len(every) == 2 * 7 and "lm_head" not in every  # never the LM head
+    assert select_modules(bert, "re:.*layer\\.1\\..*key") == ["bert.encoder.layer.1.attention.self.key"]
+
+
+def test_bad_targets_name_what_exists(bert):
+    with pytest.raises(SlimTuneError, match="unknown target 'querry'") as err:
+        select_modules(bert, "querry")
+    assert "bert.encoder.layer.0.attention.self.query" in err.value.hint
+    with pytest.raises(SlimTuneError, match="matches no linear module"):
+        select_modules(bert, "*.nothing")
+    with pytest.raises(SlimTuneError, match="rank 64 does not fit"):
+        add_lora_(bert, "query", rank=64)
+    assert not deltas(bert)  # a bad rank wraps nothing
+
+
+def test_fresh_lora_is_identity_and_only_the_delta_trains(bert):
+    x = _ids(bert)
+    ref = bert(input_ids=x).logits
+    add_lora_(bert, ["query", "value"], rank=4, train=["classifier.*"])
+    assert torch.equal(bert(input_ids=x).logits, ref)
+    _perturb(bert)
+    bert(input_ids=x).logits.sum().backward()
+    got = {n for n, p in bert.named_parameters() if p.grad is not None}
+    assert got and all(("lora_" in n) or n.startswith("classifier.") for n in got)
+    assert {n for n, p in bert.named_parameters() if p.requires_grad} == got
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merge_then_unmerge_is_the_identity(bert, dora):
+    x = _ids(bert)
+    add_lora_(bert, "all-linear", rank=4, dora=dora)
+    _perturb(bert, 0.1)
+    state = {k: v.clone() for k, v in bert.state_dict().items()}
+    out = bert(input_ids=x).logits
+    merge_(bert)
+    # Merged and unmerged compute the same function; they differ only by float rounding of W + sBA
+    # (two sums in another order: a few ulps of the logits' scale).
+    torch.testing.assert_close(bert(input_ids=x).logits, out, rtol=1e-5, atol=1e-5)
+    unmerge_(bert)
+    assert all(torch.equal(state[k], v) for k, v in bert.state_dict().items())
+    assert torch.equal(bert(input_ids=x).logits, out)
+
+
+def test_disable_switch_and_detach_restore_the_backbone(bert):
+    x = _ids(bert)
+    ref = bert(input_ids=x).logits
+    originals = {n: m for n, m in bert.named_modules()}
+    add_lora_(bert, "query", rank=2, name="a")
+    add_lora_(bert, ["query", "value"], rank=3, name="b")  # nests around "a" on the queries
+    _perturb(bert)
+    both = bert(input_ids=x).logits
+    with disabled(bert):
+        assert torch.equal(bert(input_ids=x).logits, ref)
+    assert torch.equal(bert(input_ids=x).logits, both)
+    set_active(bert, "a")
+    only_a = bert(input_ids=x).logits
+    set_active(bert, None)
+    detach_(bert, "b")
+    assert torch.equal(bert(input_ids=x).logits, only_a)
+    detach_(bert, "a")
+    assert torch.equal(bert(input_ids=x).logits, ref)
+    assert all(originals[n] is m for n, m in bert.named_modules())  # the very module objects are back
+    with pytest.raises(SlimTuneError, match="no delta named 'a'"):
+        detach_(bert, "a")
+
+
+def test_lora_over_quantlinear_matches_lora_over_its_dequantized_weight(llama):
+    """Forward and input gradients: the quantized base computes with exactly dequant(W)."""
+    import copy
+
+    quantize_(llama, bits=4, group_size=32)
+    floaty = copy.deepcopy(llama)
+    for name, module in list(floaty.named_modules()):
+        if type(module).__name__ == "QuantLinear":
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.dequantized_weight()
+            parent, _, child = name.rpartition(".")
+            setattr(floaty.get_submodule(parent), child, linear)
+    for model in (llama, floaty):
+        torch.manual_seed(3)
+        add_lora_(model, "all-linear", rank=4)
+        _perturb(model, 0.05)
+    x = _ids(llama)
+    embeds = [m.get_input_embeddings()(x).detach().requires_grad_(True) for m in (llama, floaty)]
+    outs = [m(inputs_embeds=e).logits for m, e in zip((llama, floaty), embeds)]
+    # The CPU dequant-matmul path and the float matmul reduce in different orders: agreement to
+    # float32 rounding of sums over <= 64 products, relative to the logits' magnitude.
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-4)
+    for o in outs:
+        o.square().sum().backward()
+    torch.testing.assert_close(embeds[0].grad, embeds[1].grad, rtol=1e-3, atol=1e-4)
+    lora_grads = [{n: p.grad for n, p in m.named_parameters() if p.grad is not None} for m in (llama, floaty)]
+    assert lora_grads[0].keys() == lora_grads[1].keys() and all("lora_" in n for n in lora_grads[0])
+
+
+def test_merge_into_quantized_base_requantizes_and_reports_the_error(llama):
+    quantize_(llama, bits=4, group_size=32)
+    add_lora_(llama, "all-linear", rank=4)
+    _perturb(llama, 0.02)
+    x = _ids(llama)
+    unmerged = llama(input_ids=x).logits
+    report = merge_and_unload_(llama)
+    assert report["requantized"] == report["layers"] == 14
+    assert 0 < report["requant_rel_error_mean"] <= report["requant_rel_error_max"] < 0.2
+    assert not deltas(llama) and type(llama.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
+    assert torch.isfinite(llama(input_ids=x).logits).all()
+    assert not torch.equal(llama(input_ids=x).logits, unmerged)  # lossy: the reported error is real
+
+
+def test_dora_over_quantized_base_is_refused(llama):
+    quantize_(llama, bits=4, group_size=32)
+    with pytest.raises(SlimTuneError, match="DoRA over a quantized weight"):
+        add_lora_(llama, "query", rank=2, dora=True)
+
+
+def test_save_delta_alone_and_refuse_another_backbone(tmp_path, write_recipe, tiny_bert):
+    recipe = write_recipe("- finetune: {max_steps: 2, eval_split: none}\n")
+    run = slimtune.run(recipe, out=tmp_path / "run")
+    art = slimtune.load(run.stages[-1].path)
+    add_lora_(art.model, "value", rank=2)
+    _perturb(art.model)
+    x = _ids(art.model)
+    out = art.model(input_ids=x).logits
+    save_delta(art, tmp_path / "delta")
+    assert not (tmp_path / "delta" / "model.safetensors").exists()  # the delta alone
+    fresh = slimtune.load(run.stages[-1].path)
+    load_delta_(fresh, tmp_path / "delta")
+    assert torch.equal(fresh.model(input_ids=x).logits, out)
+    other = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    other_art = slimtune.load(run.stages[-1].path)
+    with torch.no_grad():
+        other_art.model.classifier.weight.add_(1.0)
+    other_art.save(tmp_path / "other")
+    other_art = slimtune.load(tmp_path / "other")
+    with pytest.raises(ArtifactError, match="was trained on backbone"):
+        load_delta_(other_art, tmp_path / "delta")
+    load_delta_(other_art, tmp_path / "delta", allow_other_backbone=True)
+    assert other is not None
+
+
+def test_lora_stage_trains_links_its_backbone_and_reloads(tmp_path, write_recipe):
+    recipe = write_recipe("- finetune: {max_steps: 2, eval_split: none}\n"
+                          "- lora: {rank: 4, targets: [query, value], epochs: 3, lr: 0.01, eval_split: none}\n")
+    run = slimtune.run(recipe, out=tmp_path / "run")
+    backbone, tuned = run.stages[0].path, run.stages[1].path
+    assert (tuned / "model.safetensors").stat().st_ino == (backbone / "model.safetensors").stat().st_ino  # linked
+    assert (tuned / "deltas" / "lora.safetensors").is_file()
+    metrics = run.stages[1].metrics
+    assert metrics["trainable_parameters"] == metrics["delta_parameters"] < metrics["total_parameters"]
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
+    art = slimtune.load(tuned)
+    assert [r["name"] for r in art.attachments["deltas"]] == ["lora"]
+    assert isinstance(art.model.bert.encoder.layer[0].attention.self.query, LoraLinear)
+    reloaded = slimtune.load(tuned)
+    x = _ids(art.model)
+    assert torch.equal(art.model(input_ids=x).logits, reloaded.model(input_ids=x).logits)
+
+
+def test_stages_after_a_delta_are_refused_unless_merged(write_recipe, tmp_path):
+    from slimtune.errors import RecipeError
+    from slimtune.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match="would change the backbone"):
+        load_recipe(write_recipe("- lora: {rank: 2}\n- quantize: {bits: 8}\n"))
+    with pytest.raises(RecipeError, match="already attached one of that name"):
+        load_recipe(write_recipe("- lora: {rank: 2}\n- lora: {rank: 2}\n"))
+    load_recipe(write_recipe("- lora: {rank: 2}\n- lora: {rank: 2, name: second}\n- evaluate: {onnx: false}\n"))
+    load_recipe(write_recipe("- lora: {rank: 2, merge: true}\n- quantize: {bits: 8}\n"))
