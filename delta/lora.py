@@ -31,7 +31,7 @@ from torch import nn
 
 from slimtune.errors import SlimTuneError
 from slimtune.registry import register_module_type
-from slimtune.delta.inject import DEFAULT, DeltaLayer, _innermost, _require, freeze_backbone_, in_out_features, select_modules, wrap_
+from slimtune.delta.inject import DEFAULT, DeltaLayer, TrainedCopy, _innermost, _require, freeze_backbone_, in_out_features, select_modules, wrap_
 
 
 def _is_quant(module: nn.Module) -> bool:
@@ -205,15 +205,24 @@ def unmerge_(model: nn.Module, name: str = DEFAULT) -> None:
 def merge_and_unload_(model: nn.Module, name: str = DEFAULT) -> dict:
     """Replace every wrapper of LoRA ``name`` by a plain module holding the merged weight.
 
+    A task head trained with it (a :class:`TrainedCopy` of the same name) is replaced by its trained copy.
+
     Float bases get ``W + s B A`` in their own weight. ``QuantLinear`` bases are
     re-quantized with their scheme (round to nearest): the returned report gives, per
     layer and overall, the relative error ``||Q(W') - W'|| / ||W'||`` that the
-    re-quantization adds (``W'`` the float merged weight).
+    re-quantization adds (``W'`` the float merged weight). QA-LoRA wrappers
+    (``quant_aware``) merge exactly instead, into float zero points
+    (:meth:`slimtune.delta.qalora.QALoraLinear.merged_quant_layer`).
 
     Returns:
-        ``{"layers": n, "requantized": n, "requant_rel_error_mean": float | None, "requant_rel_error_max": ...}``
+        ``{"layers": n, "requantized": n, "merged_exactly": n, "requant_rel_error_mean": float | None,
+        "requant_rel_error_max": ...}``
     """
-    errors = []
+    errors, exact = [], []
+    for qualified, head in _require(model, name):
+        if isinstance(head, TrainedCopy):  # a task head trained with the LoRA: its trained copy becomes the head
+            parent, _, child = qualified.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, head.copy)
     found = _lora(model, name)
     for qualified, wrapper in reversed(found):
         inner = wrapper.base_layer
@@ -221,8 +230,13 @@ def merge_and_unload_(model: nn.Module, name: str = DEFAULT) -> dict:
             if inner is not _innermost(inner):
                 raise SlimTuneError(f"{qualified}: another delta sits between this LoRA and its quantized weight",
                                     "merge or detach the inner delta first")
-            merged, err = requantize(inner, wrapper.merged_weight())
-            errors.append(err)
+            exact_merge = getattr(wrapper, "merged_quant_layer", None)  # QA-LoRA (delta/qalora.py): exact, no rounding to codes
+            if exact_merge is not None:
+                merged = exact_merge()
+                exact.append(qualified)
+            else:
+                merged, err = requantize(inner, wrapper.merged_weight())
+                errors.append(err)
         else:
             wrapper.merge()
             wrapper._original = None
@@ -230,7 +244,7 @@ def merge_and_unload_(model: nn.Module, name: str = DEFAULT) -> dict:
             merged = inner
         parent, _, child = qualified.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, merged)
-    return {"layers": len(found), "requantized": len(errors),
+    return {"layers": len(found), "requantized": len(errors), "merged_exactly": len(exact),
             "requant_rel_error_mean": float(sum(errors) / len(errors)) if errors else None,
             "requant_rel_error_max": float(max(errors)) if errors else None}
 
