@@ -19,7 +19,6 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from slimtune.artifact import WEIGHTS_FILE
 
 # Metrics that describe the result (not timing or bookkeeping).
 RESULT_METRICS = ("accuracy", "perplexity", "centroid_accuracy", "train_loss", "accuracy_onnx", "prediction_agreement")
@@ -115,15 +114,20 @@ def compare_runs(runs: dict[str, Any], world_sizes: dict[str, int], atol: float 
 
 
 def _compare_stage(report: Comparison, name: str, ref, other) -> None:
-    if (ref.path / WEIGHTS_FILE).is_file() != (other.path / WEIGHTS_FILE).is_file():
-        report.mismatches.append(f"{name} {ref.name}: {WEIGHTS_FILE} exists on one side only")
-    elif (ref.path / WEIGHTS_FILE).is_file():
-        x, y = load_file(str(ref.path / WEIGHTS_FILE)), load_file(str(other.path / WEIGHTS_FILE))
+    """Every tensor file of the stage (the weights, and the deltas beside them) on both sides, then the metrics."""
+    files = sorted({p.relative_to(ref.path).as_posix() for p in ref.path.rglob("*.safetensors")}
+                   | {p.relative_to(other.path).as_posix() for p in other.path.rglob("*.safetensors")})
+    for file in files:
+        if (ref.path / file).is_file() != (other.path / file).is_file():
+            report.mismatches.append(f"{name} {ref.name}: {file} exists on one side only")
+            continue
+        x, y = load_file(str(ref.path / file)), load_file(str(other.path / file))
         if x.keys() != y.keys() or any(x[k].shape != y[k].shape or x[k].dtype != y[k].dtype for k in x):
-            report.mismatches.append(f"{name} {ref.name}: the weight files hold different tensors")
-            return
+            report.mismatches.append(f"{name} {ref.name}: {file} holds different tensors")
+            continue
         floats = [k for k in x if x[k].is_floating_point() and x[k].numel()]
-        report.weight_diff[(name, ref.name)] = max(((x[k].double() - y[k].double()).abs().max().item() for k in floats), default=0.0)
+        diff = max(((x[k].double() - y[k].double()).abs().max().item() for k in floats), default=0.0)
+        report.weight_diff[(name, ref.name)] = max(report.weight_diff.get((name, ref.name), 0.0), diff)
         codes = [k for k in x if not x[k].is_floating_point() and x[k].numel()]
         if codes:
             differing = sum((x[k] != y[k]).sum().item() for k in codes)

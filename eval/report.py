@@ -160,12 +160,26 @@ def info_text(path: Path, meta: dict, metrics: dict, parameters: int | None = No
         table.add_row("sparsity", escape(sparsity_lines(compression["prune"])))
     if isinstance(compression.get("quantize"), dict) and "modules" in compression["quantize"]:
         table.add_row("quantization", escape(quantization_lines(compression["quantize"])))
+    for record in (meta.get("attachments") or {}).get("deltas") or []:
+        table.add_row(f"delta {record.get('name')}", escape(delta_line(path, record)))
     if parameters is not None:
         table.add_row("parameters", f"{parameters:,} ({PARAMETERS_DEFINITION})")
     for key, value in metrics.items():
         if key != "history":
             table.add_row(f"metric {key}", f"{value:.4g}" if isinstance(value, float) else escape(str(value)))
     return table
+
+
+def delta_line(path: Path, record: dict) -> str:
+    """One delta of an artifact: method, modules adapted, file size, the backbone it is bound to."""
+    file = path / record.get("file", "")
+    size = f"{file.stat().st_size / 1e6:.2f} MB" if file.is_file() else "file missing"
+    modules = record.get("modules") or []
+    config = next((m["config"] for m in modules if m.get("config")), {})
+    settings = ", ".join(f"{k}={v}" for k, v in config.items())
+    state = "" if record.get("active", True) else ", inactive"
+    return (f"{record.get('method')} on {len(modules)} modules ({settings}){state}; {record.get('file')} {size}; "
+            f"bound to backbone sha256 {str(record.get('backbone_sha256'))[:12]}")
 
 
 def sparsity_lines(prune: dict, most: int = 24) -> str:

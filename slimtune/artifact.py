@@ -97,6 +97,8 @@ class Artifact:
         return self.lineage[-1].get("key") if self.lineage else None
 
     def meta(self) -> dict:
+        with bare(self.model):  # ties are replayed on the backbone before its attachments come back
+            ties = shared_parameters(self.model)
         return {
             "format_version": FORMAT_VERSION,
             "task": self.task.model_dump(mode="json"),
@@ -105,7 +107,7 @@ class Artifact:
             "swaps": self.swaps,
             "compression": self.compression,
             "module_attrs": self.module_attrs,
-            "ties": shared_parameters(self.model),
+            "ties": ties,
             **({"attachments": self.attachments} if self.attachments else {}),
         }
 
@@ -130,10 +132,8 @@ class Artifact:
         directory.mkdir(parents=True, exist_ok=True)
         if self.attachments:
             ensure_loaded()
-        present = [k for k, a in ATTACHMENTS.items() if a.present(self.model)]
-        with ExitStack() as stack:
-            for key in present:
-                stack.enter_context(ATTACHMENTS[key].stripped(self.model))
+        present = attached(self.model)
+        with bare(self.model):
             self._write_backbone(directory, set().union(*(ATTACHMENTS[k].bound_to(self.attachments.get(k)) for k in present)))
         sha = file_sha256(directory / WEIGHTS_FILE)
         self.attachments = {k: ATTACHMENTS[k].save(self.model, self.attachments.get(k), directory, sha) for k in present}
@@ -163,6 +163,24 @@ class Artifact:
         if self.lineage and WEIGHTS_FILE in files:
             self.lineage[-1]["sha256"] = files[WEIGHTS_FILE]["sha256"]
         write_json(directory / META_FILE, {**self.meta(), "files": files})
+
+
+def attached(model: nn.Module) -> list[str]:
+    """The keys of the attachments (deltas, ...) ``model`` carries."""
+    from slimtune.registry import ATTACHMENTS
+
+    return [k for k, a in ATTACHMENTS.items() if a.present(model)]
+
+
+@contextmanager
+def bare(model: nn.Module):
+    """``model`` without its attachments (the backbone alone) for the duration of the block."""
+    from slimtune.registry import ATTACHMENTS
+
+    with ExitStack() as stack:
+        for key in attached(model):
+            stack.enter_context(ATTACHMENTS[key].stripped(model))
+        yield model
 
 
 def shared_parameters(model: nn.Module) -> dict[str, str]:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from slimtune.artifact import Artifact
+from slimtune.artifact import Artifact, attached, bare
 from slimtune.data import TaskData, load_task_data
 from slimtune.errors import RecipeError
 from slimtune.recipe import Recipe, Strict, TrainConfig
@@ -109,6 +109,7 @@ class ModelState:
         sparse: the weights carry pruning's zeros (unstructured or N:M).
         uneven: structured pruning removed heads or FFN neurons, so blocks may differ in width.
         layers: transformer blocks (None: unknown, e.g. before the model is read).
+        model_type: the source model's ``config.model_type`` (None: unknown); stages keep it.
         deltas: names of the deltas attached (and not merged) by delta stages.
         delta_stage: the first stage that attached one.
     """
@@ -118,6 +119,7 @@ class ModelState:
     sparse: str | None = None
     uneven: str | None = None
     layers: int | None = None
+    model_type: str | None = None
     deltas: tuple[str, ...] = ()
     delta_stage: str | None = None
 
@@ -165,7 +167,7 @@ def initial_state(model: str) -> ModelState:
     except Exception:  # unknown, not yet converted, or a hub id: the runner reports a bad model itself
         return ModelState()
     layers = config.get("num_hidden_layers", config.get("n_layer"))
-    return ModelState(layers=layers if isinstance(layers, int) else None)
+    return ModelState(layers=layers if isinstance(layers, int) else None, model_type=config.get("model_type"))
 
 
 def keepers(artifact: Artifact, model) -> list:
@@ -176,8 +178,8 @@ def keepers(artifact: Artifact, model) -> list:
     """
     from slimtune.registry import INVARIANTS, ensure_loaded
 
-    if artifact is None or model is not artifact.model or not artifact.compression:
-        return []
+    if artifact is None or model is not artifact.model or not artifact.compression or attached(model):
+        return []  # (under a delta the backbone is frozen: nothing can undo its properties)
     ensure_loaded()
     hooks = [INVARIANTS[key].keep(model, record) for key, record in artifact.compression.items() if key in INVARIANTS]
     return [h for h in hooks if h is not None]
@@ -197,7 +199,8 @@ def reconcile(artifact: Artifact, stage: str) -> list[str]:
     for key in list(artifact.compression):
         if key not in INVARIANTS:
             continue
-        record, message = INVARIANTS[key].check(artifact.model, artifact.compression[key])
+        with bare(artifact.model):  # records describe the backbone, not the deltas on it
+            record, message = INVARIANTS[key].check(artifact.model, artifact.compression[key])
         if record is None:
             del artifact.compression[key]
         else:

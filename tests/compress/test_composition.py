@@ -34,11 +34,12 @@ from safetensors import safe_open
 from torch import nn
 
 import slimtune
-from slimtune.artifact import Artifact, load
+from slimtune.artifact import Artifact, bare, load
 from slimtune.cli import main
 from slimtune import arch
 from slimtune.compress.invariants import holds_pattern, weight_of
 from slimtune.compress.share import sharing_intact
+from slimtune.delta import LoraLinear
 from slimtune.errors import RecipeError
 from slimtune.recipe import load_recipe
 from tests.conftest import recipe_text, write_bert, write_llama
@@ -56,6 +57,7 @@ STAGES = {
     "gptq int4": "quantize: {method: gptq, bits: 4, group_size: 32, calibration: {batches: 1}}",
     "awq int4": "quantize: {method: awq, bits: 4, group_size: 32, calibration: {batches: 1}}",
     "qat int4": "quantize: {bits: 4, group_size: 32, qat: {epochs: 1, max_steps: 2}}",
+    "lora": "lora: {rank: 2, targets: [all-linear], max_steps: 2, eval_split: none}",
 }
 QUANTIZE = ("rtn int4", "rtn int8", "gptq int4", "awq int4", "qat int4")
 PRUNE = ("magnitude", "wanda 2:4", "structured", "drop layer")
@@ -64,7 +66,9 @@ STRUCTURED = ("structured", "drop layer")
 
 def refusal(first: str, second: str) -> str | None:
     """Why ``first`` then ``second`` is refused at validation (a phrase the error must contain), or None."""
-    if first in QUANTIZE:
+    if first == "lora":  # the delta is bound to its backbone: nothing may change it afterwards
+        return "already attached one of that name" if second == "lora" else "would change the backbone"
+    if first in QUANTIZE and second != "lora":
         if second in QUANTIZE:
             return "already quantized"
         if second in PRUNE:
@@ -179,7 +183,13 @@ def _block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _check_promise(second: str, before: Artifact, after: Artifact, path: Path) -> None:
     model = after.model
-    if second in QUANTIZE:
+    if second == "lora":  # every block linear adapted; the backbone's weight file linked, not rewritten
+        adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+        with bare(model):
+            assert len(adapted) == len(_block_linears(model))
+        assert (path / "model.safetensors").stat().st_ino == (before.path / "model.safetensors").stat().st_ino
+        assert [r["name"] for r in after.attachments["deltas"]] == ["lora"]
+    elif second in QUANTIZE:
         left = [n for n, m in _block_linears(model) if isinstance(m, nn.Linear)]
         assert not left, f"float linears left in the blocks: {left}"
         record = after.compression["quantize"]
@@ -208,7 +218,12 @@ def _check_promise(second: str, before: Artifact, after: Artifact, path: Path) -
 
 
 def _check_records_hold(after: Artifact, notes: str) -> None:
-    """Every record the artifact carries describes its model; a record that was dropped was announced."""
+    """Every record the artifact carries describes its model (the backbone, under a delta); a record that was dropped was announced."""
+    with bare(after.model):
+        _check_records_of(after, notes)
+
+
+def _check_records_of(after: Artifact, notes: str) -> None:
     model, records = after.model, after.compression
     if "quantize" in records:
         assert all(hasattr(model.get_submodule(n), "dequantized_weight") for n in records["quantize"]["modules"])
