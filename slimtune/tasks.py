@@ -126,9 +126,12 @@ class CausalLM:
         tokens, so a sequence contributes its length - 1 targets however it is
         padded (left padding would otherwise predict its first token from a pad).
         """
-        logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, T-1, V)
         mask = batch["attention_mask"].bool()
         targets = batch["input_ids"][:, 1:].masked_fill(~(mask[:, 1:] & mask[:, :-1]), -100)  # (B, T-1)
+        head = _chunkable_head(model, targets.numel())
+        if head is not None:
+            return _chunked_nll(model, head, batch, targets), int((targets != -100).sum())
+        logits = model(**model_inputs(batch)).logits[:, :-1]  # (B, T-1, V)
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return nll, int((targets != -100).sum())
 
@@ -148,6 +151,71 @@ class CausalLM:
             total += n
         return {"perplexity": math.exp(total_nll / max(total, 1)), "tokens": total}
 
+
+
+# Logits bigger than this are never materialised whole in training: the LM head runs over chunks of
+# positions whose logits are recomputed in backward (large vocabularies: SmolLM2's 49,152 x 2,048
+# positions would be 400 MB of fp32 logits, and as much again for their log-softmax and gradient).
+CHUNKED_LOGITS_BYTES = 64 * 2**20
+CHUNK_POSITIONS = 512
+CHUNKABLE = ("llama", "mistral", "qwen2", "gpt2")  # heads applied once to the final states, no post-processing
+
+
+def _chunkable_head(model: nn.Module, positions: int) -> nn.Module | None:
+    """The LM head to run chunk by chunk, or None to compute the logits whole.
+
+    Only while training (gradients on), for families whose logits are the head
+    applied to the final hidden states with nothing after it, when the logits
+    would exceed :data:`CHUNKED_LOGITS_BYTES`, and not under FSDP (whose
+    sharded head cannot run outside the model's forward).
+    """
+    inner = getattr(model, "module", model)  # DDP
+    config = getattr(inner, "config", None)
+    if not torch.is_grad_enabled() or getattr(config, "model_type", None) not in CHUNKABLE:
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or positions * config.vocab_size * 4 <= CHUNKED_LOGITS_BYTES:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in head.parameters()):
+        return None
+    return head
+
+
+def _chunked_nll(model: nn.Module, head: nn.Module, batch: Batch, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL with the LM head applied to chunks of positions under activation checkpointing.
+
+    The model's forward runs with the head fed zero positions (a pre-hook keeps
+    the final hidden states and hands the head an empty slice), so it returns
+    empty logits; each chunk's logits then exist only while that chunk's loss is
+    computed, in forward and again in backward. The same sum as the whole-logits
+    path, in another order of summation.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    kept = []
+
+    def keep(module, args):
+        kept.append(args[0])
+        return (args[0][:, :0],) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(keep)
+    try:
+        model(**model_inputs(batch))
+    finally:
+        handle.remove()
+    hidden = kept[-1][:, :-1].flatten(0, 1)  # (B (T-1), H)
+    flat = targets.flatten()
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, ignore_index=-100, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], CHUNK_POSITIONS):
+        part = slice(start, start + CHUNK_POSITIONS)
+        total = total + checkpoint(chunk_nll, hidden[part], flat[part], use_reentrant=False)
+    return total
 
 
 class Embedding:

@@ -147,6 +147,35 @@ def test_perplexity_of_a_left_padded_batch_counts_each_sentence_once(llama):
     assert result["perplexity"] == pytest.approx(weighted, rel=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 7, 1000])
+def test_chunked_training_loss_equals_the_whole_logits_loss(llama, monkeypatch, chunk):
+    """The LM head over chunks of positions (large vocabularies) gives the same loss and gradients as whole logits."""
+    import copy
+
+    import slimtune.tasks as tasks
+
+    model, tokenizer = llama
+    model = copy.deepcopy(model).train()
+    batch = lm_batches(tokenizer, SENTENCES, 5)[0]
+    monkeypatch.setattr(tasks, "CHUNKED_LOGITS_BYTES", float("inf"))  # whole logits
+    whole, n = CausalLM().loss(model, batch)
+    whole.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(tasks, "CHUNKED_LOGITS_BYTES", 0)
+    monkeypatch.setattr(tasks, "CHUNK_POSITIONS", chunk)
+    assert tasks._chunkable_head(model, 1) is model.lm_head
+    chunked, m = CausalLM().loss(model, batch)
+    chunked.backward()
+    assert m == n
+    # Same fp32 terms summed in another order (<= 5 x 16 positions): within a few ulps of the loss.
+    assert chunked.item() == pytest.approx(whole.item(), rel=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation never chunks (no backward to save memory for)
+        assert tasks._chunkable_head(model, 10**9) is None
+
+
 # ---------------------------------------------------------------- centroid accuracy
 
 
