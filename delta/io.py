@@ -140,6 +140,9 @@ class DeltaAttachment(Attachment):
         stage_info = {r["name"]: r["stage"] for r in info or [] if isinstance(r, dict) and "stage" in r}
         records = delta_records(model, backbone_sha256, stage_info)
         write_delta_files(model, Path(directory), records)
+        from slimtune.delta.peft import write_peft_copy  # a float LoRA also in PEFT's format, in peft/
+
+        write_peft_copy(model, Path(directory))
         return records
 
     def load(self, model, recorded, directory, backbone_sha256):
