@@ -104,7 +104,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -150,11 +150,25 @@ class ModelShape:
     linear_weights: int  # weights of nn.Linear modules (autocast saves a 16-bit copy of each)
     param_tensors: int
     param_bytes: int  # bytes per parameter element
-    buffer_bytes: int
+    buffer_bytes: int  # (packed quantized weights are buffers)
+    # Parameters that train, as (before the blocks, one block, after them) and in how many tensors; None:
+    # all of them (the finetune objective). A delta (LoRA, ...) on a frozen backbone trains only its own.
+    trainable: tuple[int, int, int] | None = None
+    trainable_tensors: int | None = None
 
     @property
     def params(self) -> int:
         return self.pre_params + self.layers * self.block_params + self.post_params
+
+    @property
+    def grad_params(self) -> tuple[int, int, int]:
+        """Gradient elements before the blocks, per block, after them."""
+        return self.trainable or (self.pre_params, self.block_params, self.post_params)
+
+    @property
+    def grads(self) -> int:
+        pre, block, post = self.grad_params
+        return pre + self.layers * block + post
 
 
 def load_shape(recipe: Recipe, num_labels: int | None = None) -> ModelShape:
@@ -174,7 +188,41 @@ def load_shape(recipe: Recipe, num_labels: int | None = None) -> ModelShape:
 
 
 def model_shape(model: nn.Module) -> ModelShape:
-    """Read a ``transformers`` model's structure from its config and module tree (works on the meta device)."""
+    """Read a ``transformers`` model's structure from its config and module tree (works on the meta device).
+
+    The layout (projections, norms) is read from the bare backbone (without
+    deltas, packed quantized linears counted as linears); parameter counts
+    include the deltas, and when some parameters are frozen only those with
+    ``requires_grad`` make gradients and optimizer state.
+    """
+    from slimtune.artifact import bare
+
+    with bare(model):
+        layout = _layout(model)
+    blocks = transformer_blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    regions: dict[str, list] = {"pre": [], "blocks": [], "post": []}
+    seen_blocks = False
+    for p in model.parameters():
+        if id(p) in in_blocks:
+            seen_blocks = True
+            regions["blocks"].append(p)
+        else:
+            regions["post" if seen_blocks else "pre"].append(p)
+    params = list(model.parameters())
+    block_params = sum(p.numel() for p in blocks[0].parameters())
+    trainable = None
+    if not all(p.requires_grad for p in params):
+        per_block = sum(p.numel() for p in blocks[0].parameters() if p.requires_grad)
+        trainable = (sum(p.numel() for p in regions["pre"] if p.requires_grad), per_block,
+                     sum(p.numel() for p in regions["post"] if p.requires_grad))
+    return replace(layout, pre_params=sum(p.numel() for p in regions["pre"]), block_params=block_params,
+                   post_params=sum(p.numel() for p in regions["post"]), param_tensors=len(params),
+                   param_bytes=params[0].element_size(), buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+                   trainable=trainable, trainable_tensors=sum(p.requires_grad for p in params) if trainable else None)
+
+
+def _layout(model: nn.Module) -> ModelShape:
     config = model.config
     blocks = transformer_blocks(model)
     blocks_name = next(name for name, m in model.named_modules() if m is blocks)
@@ -190,7 +238,7 @@ def model_shape(model: nn.Module) -> ModelShape:
             pre += p.numel()
     norms_before = [m for m in _before(model, blocks_name) if _is_norm(m)]
     block = blocks[0]
-    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "QuantLinear"]
     norm_types = [type(m).__name__.lower() for m in block.modules() if _is_norm(m)]
     heads = config.num_attention_heads
     params = list(model.parameters())
@@ -413,10 +461,12 @@ def predict(shape: ModelShape, setup: Setup) -> list[Prediction]:
     return [_data_parallel(shape, setup)]
 
 
-def _states(shape: ModelShape, params: int, tensors: int) -> tuple[int, int, int]:
-    """Bytes of parameters, gradients and AdamW state for ``params`` elements in ``tensors`` tensors."""
+def _states(shape: ModelShape, params: int, tensors: int, grads: int | None = None, grad_tensors: int | None = None) -> tuple[int, int, int]:
+    """Bytes of parameters, gradients and AdamW state for ``params`` elements in ``tensors`` tensors
+    (``grads`` of them in ``grad_tensors`` tensors train; default: all)."""
     p = params * shape.param_bytes
-    return p, p, 2 * p + 4 * tensors
+    g = (params if grads is None else grads) * shape.param_bytes
+    return p, g, 2 * g + 4 * (tensors if grad_tensors is None else grad_tensors)
 
 
 def _phases(phases: dict[str, dict[str, float]], static: dict[str, float]) -> dict[str, dict[str, int]]:
@@ -431,10 +481,11 @@ def _backward(shape: ModelShape, s: Setup, acts: Activations, copies: int, grads
     the fraction a rank keeps, 1/N under FSDP) and freed their activations.
     """
     pb = shape.param_bytes
-    accumulated = shape.params * pb * grads_sharded if s.grad_accum > 1 else 0  # earlier micro-batches' gradients
+    _, block_grads, post_grads = shape.grad_params
+    accumulated = shape.grads * pb * grads_sharded if s.grad_accum > 1 else 0  # earlier micro-batches' gradients
     phases = {"forward end": dict(gradients=accumulated, activations=acts.forward_end + copies)}
     for k, name in ((shape.layers - 1, "backward, last block"), (0, "backward, first block")):
-        done = (shape.post_params + (shape.layers - 1 - k) * shape.block_params) * pb * grads_sharded
+        done = (post_grads + (shape.layers - 1 - k) * block_grads) * pb * grads_sharded
         phases[name] = dict(gradients=max(done, accumulated), activations=acts.at_block(k) + copies * (k + 1) // shape.layers,
                             temporaries=acts.temporaries)
     return phases
@@ -448,8 +499,8 @@ def _data_parallel(shape: ModelShape, s: Setup) -> Prediction:
     # Autocast's 16-bit weight copies; FSDP with param_dtype gathers 16-bit weights instead.
     copies = 2 * shape.linear_weights if s.precision != "fp32" and fsdp_dtype == shape.param_bytes else 0
     acts = Activations.of(shape, rows, s.seq, c, s.kind, shape.layers, s.checkpointing)
-    P, G, O = _states(shape, shape.params, shape.param_tensors)
-    pre_grads = shape.pre_params * shape.param_bytes
+    P, G, O = _states(shape, shape.params, shape.param_tensors, shape.grads, shape.trainable_tensors)
+    pre_grads = shape.grad_params[0] * shape.param_bytes
     if s.strategy in ("single", "ddp"):
         static = {"parameters": P + shape.buffer_bytes, "optimizer": O, "comm buffers": G if s.strategy == "ddp" else 0}
         phases = {

@@ -144,3 +144,35 @@ def test_measure_under_torchrun_with_two_fsdp_processes(write_recipe):
     assert [m["rank"] for m in report["measurements"]] == [0, 1]
     assert report["predictions"][0]["strategy"] == "fsdp ZeRO-3"
     within(report)
+
+
+def test_a_delta_on_a_frozen_backbone_makes_only_its_own_gradients_and_optimizer_state(tiny_bert, tiny_csv):
+    """model_shape of a LoRA'd model: gradients and AdamW state for the delta alone, exact against MemTracker."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from slimtune.delta import add_lora_
+    from slimtune.distributed.plan import Setup, _windows, measure_steps, predict
+    from slimtune.distributed.strategy import SingleDevice
+    from slimtune.distributed.trainer import Trainer
+    from slimtune.recipe import TrainConfig
+    from slimtune.tasks import Collator, task_kind
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    add_lora_(model, "all-linear", rank=4, train=["classifier.*"])
+    shape = model_shape(model)
+    delta = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert shape.grads == delta < shape.params
+    cfg = TrainConfig(batch_size=8, lr=1e-3, seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    collate = Collator(tokenizer, 16, "classification")
+    examples = [{"text": f"a good film number {i}", "label": i % 2} for i in range(64)]
+    strategy = SingleDevice(torch.device("cpu"))
+    trainer = Trainer(model, task_kind("classification").loss, cfg, strategy, collate)
+    measured = measure_steps(trainer, _windows(strategy, examples, collate, cfg, 4), warmup=2)
+    predicted = predict(shape, Setup("single", 1, 8, 1, measured.seq, "fp32", False, "cpu", "classification",
+                                     True, False, "1f1b", 1))[0]
+    assert predicted.memory["optimizer"] == measured.memory["optimizer"]  # AdamW's two fp32 states per trained element
+    step = predict(shape, Setup("single", 1, 8, 1, measured.seq, "fp32", False, "cpu", "classification"))[0]
+    assert step.phases["optimizer step"]["gradients"] == delta * 4  # every delta gradient, nothing of the backbone
+    assert measured.memory["gradients"] <= delta * 4
+    assert abs(measured.total / predicted.total - 1) <= 0.25  # the whole step, as the finetune check bounds it
