@@ -16,3 +16,4 @@ from slimtune.delta.lora import LoraLinear, add_lora_, merge_, merge_and_unload_
 from slimtune.delta.io import load_delta_, save_delta  # noqa: F401 - registers the "deltas" attachment
 from slimtune.delta.peft import load_peft_, save_peft  # noqa: F401,E402 - PEFT interoperability
 from slimtune.delta.prefix import PrefixTuning, add_prefix_, finalize_  # noqa: F401,E402 - registers "prefix"
+from slimtune.delta.qalora import QALoraLinear  # noqa: F401,E402 - registers the "QALoraLinear" module type (quant_aware LoRA)

@@ -299,7 +299,7 @@ class LoraConfig(DeltaConfig):
     rslora: bool = Field(False, description="scale by alpha / sqrt(rank) instead of alpha / rank")
     dora: bool = Field(False, description="weight-decomposed LoRA (a trained magnitude per output row)")
     quant_aware: bool = Field(False, description="QA-LoRA over quantized weights: an update constant within each "
-                              "quantization group, merged into the INT4/INT8 format exactly")
+                              "quantization group, merged into the INT4 format exactly (INT4 bases only)")
 
 
 @register_stage("lora")

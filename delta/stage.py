@@ -98,6 +98,7 @@ class DeltaStage:
                        trainable_percent=summary["percent"])
         if config.merge:
             metrics["merge"] = self.merge(art.model, name)
+            art.swaps = refreshed_swaps(art.model, art.swaps)
             for p in art.model.parameters():
                 p.requires_grad_(True)
         else:
@@ -123,3 +124,17 @@ class DeltaStage:
         for n in found:
             wrap_(model, n, lambda m: TrainedCopy(m, name))
         return found
+
+
+def refreshed_swaps(model: nn.Module, swaps: list[dict]) -> list[dict]:
+    """The artifact's swap records with each config re-read from its module: a merge may change a swapped
+    module's format (QA-LoRA's exact merge writes float zero points, ``zero_dtype: float32``)."""
+    fresh = []
+    for swap in swaps:
+        try:
+            module = model.get_submodule(swap["module"])
+        except AttributeError:
+            module = None
+        same = module is not None and type(module).__name__ == swap["type"] and hasattr(module, "config")
+        fresh.append({**swap, "config": module.config()} if same else swap)
+    return fresh

@@ -10,7 +10,9 @@ product ``dequant_matmul_t``. The packed tensors never get gradients.
 ``int8_dynamic_matmul(x, qweight, scales)`` is W8A8: per-token dynamic INT8
 activations times per-channel INT8 weights.
 
-Dispatch by device, dtype and shape. Every path is tested against reference.py.
+Dispatch by device, dtype and shape. Every path is tested against reference.py,
+and every path takes both kinds of INT4 zero points: uint8 (format version 1)
+and float32 offsets (version 2, written by an exact QA-LoRA merge).
 
 CUDA -> the Triton kernels (triton_int4.py / triton_int8.py, imported on the
 first CUDA call, so CPU users never need triton; without triton, or for a
@@ -100,8 +102,10 @@ def _rows(x: Tensor) -> int:
 def dequantize_fast(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int, k: int) -> Tensor:
     """:func:`reference.dequantize` without ``repeat_interleave``: the same float32 ``(N, K)``, bit for bit.
 
-    ``(code - zero)`` is a small integer, exact in float32 either way, and each
-    weight is one rounded product with its scale.
+    With uint8 zero points ``(code - zero)`` is a small integer, exact in
+    float32 either way, and each weight is one rounded product with its scale;
+    with float32 zero points (format version 2) both sides round the same
+    float32 subtraction, then the same product.
     """
     n = qweight.shape[0]
     codes = reference.unpack_int4(qweight, k) if bits == 4 else qweight  # (N, K)
@@ -199,7 +203,9 @@ def cpu_fast_path_error_bound(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
     * per weight (int4): ``|w' - w| <= (u_c + u) s (|c - 8| + |8 - z|) + 2 u |w|``
       (the rounded scale and zero term, the kernel's and the reference's
       roundings of the weight); int8 has no weight term (its scale is applied
-      once, counted with the sum);
+      once, counted with the sum); float32 zero points (format version 2) add
+      one rounding on each side, ``u s (|8 - z| + |c - z|)``: the kernel's
+      ``8 - z`` and the reference's ``c - z`` are no longer exact;
     * the two sums of K products, each off by at most ``gamma_{K+2} sum |x| |w|``
       (Higham, Lemma 3.1 and eq. 3.4; ``gamma_n = n u / (1 - n u)``, one
       more rounding for the product and one for the scale or the cast);
@@ -224,6 +230,8 @@ def cpu_fast_path_error_bound(x: Tensor, qweight: Tensor, scales: Tensor, zeros:
         zero = zero.repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)
         scale = scales.double().repeat_interleave(group_size, dim=1)[:, :k]
         dw = (unit_roundoff(compute_dtype) + u) * scale * ((codes - 8).abs() + (8 - zero).abs()) + 2 * u * w.abs()
+        if reference.float_zeros(zeros):
+            dw = dw + u * scale * ((8 - zero).abs() + (codes - zero).abs())
         bound = bound + x2 @ dw.t()
     if x.dtype != torch.float32:
         y = x.reshape(-1, k).double() @ w.t()  # (M, N)

@@ -3,7 +3,7 @@
 Every fast path (Triton on CUDA, the CPU fast path, ONNX ``MatMulNBits``)
 must compute what these functions compute, and is tested against them.
 
-Packed format, version 1 (``FORMAT_VERSION``), for a linear ``y = x W^T + b``
+Packed format, version 2 (``FORMAT_VERSION``), for a linear ``y = x W^T + b``
 with ``W`` of shape ``(N, K)`` = ``(out_features, in_features)``:
 
 * ``bits=4``: ``qweight`` uint8 ``(N, ceil(K / 2))``, two 4-bit codes per byte
@@ -14,10 +14,20 @@ with ``W`` of shape ``(N, K)`` = ``(out_features, in_features)``:
   along K; the last group is shorter when ``group_size`` does not divide K
   (SmolLM2's K = 576 with groups of 128). Per-output-channel quantization is
   one group (``group_size == K``).
-* ``zeros``: uint8 ``(N, G)`` integer zero points (asymmetric 4-bit only) or
-  absent. Absent means the symmetric zero point: 8 for 4 bits, 0 for 8 bits.
+* ``zeros``: zero points ``(N, G)`` (4-bit only), or absent. Absent means the
+  symmetric zero point: 8 for 4 bits, 0 for 8 bits. Either uint8 integers
+  (version 1, what RTN, GPTQ and AWQ write) or, new in version 2, float32
+  offsets (what an exact QA-LoRA merge writes: a per-group constant added to
+  ``W`` moves the zero point by a fraction of a step). A module records the
+  float variant as ``"zero_dtype": "float32"`` in its config; absent means
+  uint8, so every version-1 file and config reads unchanged.
 
-Dequantization: ``W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size]``.
+Dequantization: ``W[n, k] = (code[n, k] - zero[n, k // group_size]) * scale[n, k // group_size]``,
+in float32. With integer zero points ``code - zero`` is a small integer (exact)
+and each weight is one rounded product; with float zero points the
+subtraction rounds too (``fl(fl(code - zero) * scale)``, two roundings), and
+every path that dequantizes must round in that order to be bitwise the
+reference (the fused matmuls are instead bounded against it).
 
 The layout is device independent (plain integer and float tensors, stored
 with safetensors) and matches ONNX Runtime's ``MatMulNBits`` B tensor row by
@@ -28,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: uint8 zero points only; 2 adds float32 zero points (a superset)
 SUPPORTED_BITS = (4, 8)
 
 
@@ -75,9 +85,18 @@ def unpack(qweight: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return codes.to(torch.int16)
 
 
+def float_zeros(zeros: torch.Tensor | None) -> bool:
+    """Whether ``zeros`` are float offsets (format version 2) rather than uint8 integers (or absent)."""
+    return zeros is not None and zeros.is_floating_point()
+
+
 def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int, group_size: int, k: int) -> torch.Tensor:
     """The float32 weight ``(N, K)`` the packed tensors stand for."""
     codes = unpack(qweight, bits, k)  # (N, K)
+    if float_zeros(zeros):
+        zero = zeros.float().repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)
+        scale = scales.float().repeat_interleave(group_size, dim=1)[:, :k]
+        return (codes.float() - zero) * scale  # two roundings: the subtraction, then the product
     zero = zeros.to(torch.int16) if zeros is not None else torch.full_like(scales, symmetric_zero(bits), dtype=torch.int16)
     zero = zero.repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)
     scale = scales.float().repeat_interleave(group_size, dim=1)[:, :k]  # (N, K)

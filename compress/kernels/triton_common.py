@@ -1,6 +1,6 @@
 """What the Triton dequant-matmul kernels (triton_int4.py, triton_int8.py) share.
 
-Validation of the packed tensors (format v1, see reference.py), autotune
+Validation of the packed tensors (format v2, see reference.py: uint8 or float32 zero points), autotune
 config lists (one config under the Triton interpreter, where autotuning would
 need a GPU timer), the launch heuristics (split-K, M buckets), the host
 launchers of the GEMV / GEMM / transposed GEMM, and two device helpers (the
@@ -96,10 +96,10 @@ def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     check_groups(qweight, scales, zeros, group_size, k)
     if not scales.is_floating_point():
         raise ValueError(f"scales must be a float tensor; got {scales.dtype}")
-    if zeros is not None and zeros.dtype != torch.uint8:
-        raise ValueError(f"zeros must be uint8 or None; got {zeros.dtype}")
     if bits == 8 and zeros is not None:
         raise ValueError("the INT8 kernels implement symmetric codes only (zeros=None)")
+    if zeros is not None and zeros.dtype not in (torch.uint8, torch.float32):
+        raise ValueError(f"zeros must be uint8 (format v1), float32 (v2) or None; got {zeros.dtype}")
     if n * k > MAX_ELEMENTS:
         raise ValueError(f"weight ({n}, {k}) is too large for int32 indexing")
     for t in (scales, zeros):

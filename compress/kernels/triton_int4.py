@@ -1,9 +1,10 @@
-"""Fused INT4 dequant-matmul Triton kernels for packed format v1 (reference.py).
+"""Fused INT4 dequant-matmul Triton kernels for packed format v2 (reference.py).
 
 Computes exactly what :func:`reference.dequant_matmul` (``x @ W^T``) and
 :func:`reference.dequant_matmul_t` (``dy @ W``) compute, with ``W`` stored as
 uint8 ``(N, ceil(K/2))`` (even k in the low nibble), float scales ``(N, G)`` and
-optional uint8 zero points ``(N, G)`` (absent = 8):
+optional zero points ``(N, G)`` (absent = 8), uint8 integers (format v1) or
+float32 offsets (v2, from an exact QA-LoRA merge):
 
 * ``gemv`` (M <= 16): memory bound, so it is built around reading the packed
   bytes once at full bandwidth. One program owns ``BLOCK_N`` output channels
@@ -20,10 +21,17 @@ optional uint8 zero points ``(N, G)`` (absent = 8):
   tile lies inside one group, so the integer codes minus the zero point
   (exact in fp16/bf16: |q - z| <= 255) go into the dot and the group's scale
   multiplies the tile's partial product in fp32: no rounding of W at all.
+  Float zero points (``FLOAT_ZEROS``) would make ``q - z`` inexact in
+  fp16/bf16, so there the dot takes the bare codes (exact) and the tile
+  subtracts ``z sum_k x`` in fp32, as the GEMV does.
 * ``gemm_t`` (dX = dY W, the backward of a frozen quantized base): tiled
   over (M, K), reducing over N; here the scale varies along the reduction, so
   the ``(BLOCK_N, BLOCK_K)`` tile is dequantized to the activation dtype.
 * ``dequantize``: W in the activation dtype, for the dequant + cuBLAS path.
+
+``gemm_t`` and ``dequantize`` compute each weight as the reference does,
+``fl(fl(q - z) * s)`` in fp32 (the subtraction exact for integer zero
+points), so ``dequantize`` is bitwise the reference for both zero-point kinds.
 
 fp32 activations use ``input_precision="ieee"`` (no TF32), like torch's
 default fp32 matmul. Limits: grouped formats need a power-of-two group size in
@@ -61,6 +69,7 @@ _GEMM_CONFIGS = common.GEMM_CONFIGS
 _GEMM_T_CONFIGS = common.GEMM_T_CONFIGS
 
 _KEY = ["m_bucket", "N", "K", "GROUP_SIZE", "HAS_ZEROS", "SPLIT_K"]
+_GEMM_KEY = _KEY + ["FLOAT_ZEROS"]
 
 
 @triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, reset_to_zero=["y_ptr"])
@@ -115,17 +124,18 @@ def _int4_gemv_kernel(
     store_tile(y_ptrs, acc, y_mask, SPLIT_K)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
+@triton.autotune(configs=_GEMM_CONFIGS, key=_GEMM_KEY, prune_configs_by={"early_config_prune": common.prune_gemm},
                  reset_to_zero=["y_ptr"])
 @triton.jit
 def _int4_gemm_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K, group_size, m_bucket,
     stride_xm, stride_qn, stride_sn, stride_zn, stride_ym,
-    HAS_ZEROS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, FLOAT_ZEROS: tl.constexpr, GROUP_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """y (M, N) = x (M, K) @ W^T, one (BLOCK_M, BLOCK_N) tile per program; BLOCK_K divides the group."""
+    """y (M, N) = x (M, K) @ W^T, one (BLOCK_M, BLOCK_N) tile per program; BLOCK_K divides the group.
+    FLOAT_ZEROS: z is a float32 offset, subtracted after the dot as z * sum_k x."""
     pid_m, pid_n = swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,15 +156,22 @@ def _int4_gemm_kernel(
                     mask=(byte < row_bytes)[:, None] & mask_n[None, :], other=0)  # (BK/2, BN)
         g = k0 // group_size
         s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
-        if HAS_ZEROS:
-            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask_n, other=0).to(tl.int32)[None, :]
+        if FLOAT_ZEROS:
+            z = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask_n, other=0.0).to(tl.float32)  # (BN,)
+            part = tl.dot(xe, (b & 0xF).to(dtype), input_precision="ieee")  # codes 0..15: exact
+            part = tl.dot(xo, (b >> 4).to(dtype), part, input_precision="ieee")
+            x_sum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)  # (BM,)
+            acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
         else:
-            z = 8
-        lo = ((b & 0xF).to(tl.int32) - z).to(dtype)  # exact small integers
-        hi = ((b >> 4).to(tl.int32) - z).to(dtype)
-        part = tl.dot(xe, lo, input_precision="ieee")
-        part = tl.dot(xo, hi, part, input_precision="ieee")
-        acc += part * s[None, :]
+            if HAS_ZEROS:
+                z = tl.load(z_ptr + offs_n * stride_zn + g, mask=mask_n, other=0).to(tl.int32)[None, :]
+            else:
+                z = 8
+            lo = ((b & 0xF).to(tl.int32) - z).to(dtype)  # exact small integers
+            hi = ((b >> 4).to(tl.int32) - z).to(dtype)
+            part = tl.dot(xe, lo, input_precision="ieee")
+            part = tl.dot(xo, hi, part, input_precision="ieee")
+            acc += part * s[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     y_mask = mask_m[:, None] & mask_n[None, :]
     store_tile(y_ptrs, acc, y_mask, SPLIT_K)
@@ -270,7 +287,8 @@ def gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: to
          group_size: int, k: int, split_k: int | None = None) -> torch.Tensor:
     """``x @ W^T`` for any number of rows (tiled ``tl.dot`` kernel); arguments as :func:`gemv`."""
     n, x2, q, s, z = _prepare(x, qweight, scales, zeros, group_size, k)
-    return common.launch_gemm(_int4_gemm_kernel, x, x2, (q, s, z), n, k, group_size, split_k, HAS_ZEROS=zeros is not None)
+    return common.launch_gemm(_int4_gemm_kernel, x, x2, (q, s, z), n, k, group_size, split_k, HAS_ZEROS=zeros is not None,
+                              FLOAT_ZEROS=zeros is not None and zeros.is_floating_point())
 
 
 def gemm_t(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -11,13 +11,19 @@ Importing this module registers (``slimtune.registry.register_onnx_lowering``):
   Symmetric codes omit ``zero_points`` (ORT's default zero point is 8, as
   ours); asymmetric ones pack two per byte along the blocks, ``(N,
   ceil(k_blocks / 2))``; ``scales`` are ``(N, k_blocks)`` in A's dtype.
+  Float zero points (packed format v2, an exact QA-LoRA merge) go in
+  unpacked, ``(N, k_blocks)`` in A's dtype like the scales: ORT's contrib
+  spec types ``zero_points`` as uint8 or A's type, and dequantizes both as
+  ``(code - zero_point) * scale`` (checked in ONNX Runtime by the tests).
   Grouped weights use ``block_size = group_size``. Per-channel weights (one
   scale per row, any K) use the largest of 128/64/32/16 that divides K and
   repeat the row's scale and zero point in every block, which is exact (the
   file holds ``k_blocks`` scales per row, 4 bytes per 8..64 bytes of codes); when
   none divides K (ORT wants a power of two >= 16) the block size is 32 and the
   last block is padded with the zero-point code, so padded weights are 0, while
-  the ``K`` attribute stays the real K. (ORT 1.32 checks that ``B`` is 3-D;
+  the ``K`` attribute stays the real K (a float zero point pads with its
+  nearest code: a padded weight is then at most half a step, and meets no
+  input either way). (ORT 1.32 checks that ``B`` is 3-D;
   it accepts ``scales`` and ``zero_points`` flat or 2-D.)
 * ``slimtune::dequant_matmul`` with ``bits=8`` (weight only) -> QDQ:
   ``DequantizeLinear(int8 W^T (K, N), scales (N,), axis=1)`` then ``MatMul``.
@@ -121,12 +127,13 @@ def matmul_nbits_operands(qweight: np.ndarray, scales: np.ndarray, zeros: np.nda
     """Packed INT4 tensors -> ``MatMulNBits``' ``B``, ``scales`` and ``zero_points``.
 
     Args:
-        qweight: uint8 ``(N, ceil(K/2))``; scales: ``(N, G)``; zeros: uint8 ``(N, G)`` or None.
+        qweight: uint8 ``(N, ceil(K/2))``; scales: ``(N, G)``; zeros: uint8 or float ``(N, G)``, or None.
         group_size: K // G.
 
     Returns:
         B uint8 ``(N, k_blocks, block_size / 2)``, scales ``(N, k_blocks)`` and
-        zero_points uint8 ``(N, ceil(k_blocks / 2))`` (None when symmetric),
+        zero_points uint8 ``(N, ceil(k_blocks / 2))`` (None when symmetric;
+        float zeros: unpacked, ``(N, k_blocks)`` of their own dtype),
         with ``block_size = nbits_block_size(group_size, k)``.
     """
     n = qweight.shape[0]
@@ -135,11 +142,15 @@ def matmul_nbits_operands(qweight: np.ndarray, scales: np.ndarray, zeros: np.nda
     repeat = k_blocks // scales.shape[1]  # blocks per group: 1, or all of them per channel
     scales = np.repeat(scales, repeat, axis=1)  # (N, k_blocks)
     zero = np.repeat(zeros, repeat, axis=1) if zeros is not None else np.full(scales.shape, symmetric_zero(4), np.uint8)
+    float_zeros = zeros is not None and np.issubdtype(zeros.dtype, np.floating)
     if k_blocks * block != k:
-        qweight = _pad_codes(qweight, zero[:, -1], k, k_blocks * block)  # (N, k_blocks * block / 2)
+        pad = np.clip(np.rint(zero[:, -1]), 0, 15).astype(np.uint8) if float_zeros else zero[:, -1]
+        qweight = _pad_codes(qweight, pad, k, k_blocks * block)  # (N, k_blocks * block / 2)
     b = np.ascontiguousarray(qweight).reshape(n, k_blocks, block // 2)
     if zeros is None:
         return b, scales, None
+    if float_zeros:
+        return b, scales, zero  # (N, k_blocks), unpacked
     if k_blocks % 2:
         zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
     return b, scales, (zero[:, 0::2] | (zero[:, 1::2] << 4)).astype(np.uint8)  # (N, ceil(k_blocks/2))
@@ -229,7 +240,9 @@ def dequant_matmul_onnx(x, qweight, scales, zeros, bits: int, group_size: int, k
         b = _layout(qweight, ("nbits", block), operand(f"{qweight.name}_nbits", 0, ir.DataType.UINT8, (n, k_blocks, block // 2)))
     s = _layout(scales, ("nbits", block, x.dtype), operand(_suffix(f"{scales.name}_nbits", x.dtype), 1, x.dtype, (n, k_blocks)))
     zp = None
-    if zeros is not None:
+    if zeros is not None and zeros.dtype != ir.DataType.UINT8:  # float offsets (format v2): A's dtype, unpacked
+        zp = _layout(zeros, ("nbits", block, x.dtype), operand(_suffix(f"{zeros.name}_nbits", x.dtype), 2, x.dtype, (n, k_blocks)))
+    elif zeros is not None:
         zp = _layout(zeros, ("nbits", block), operand(f"{zeros.name}_nbits", 2, ir.DataType.UINT8, (n, (k_blocks + 1) // 2)))
     return MatMulNBits(x, b, s, zp, K=k, N=n, bits=4, block_size=block)
 

@@ -4,7 +4,8 @@
   weights: M in {1, 3, 16, 33}, K and N that are not multiples of the blocks,
   each group size (32/64/128, per channel, odd K per channel), a short last
   group (K = 80 in 32s, 160 in 64s, 576 in 128s, odd K = 95 in 64s, a group
-  wider than K), with and without zero points, fp16 and fp32 (bf16 only on
+  wider than K), with and without zero points (uint8, and the float32 zero
+  points of packed format v2 that an exact QA-LoRA merge writes), fp16 and fp32 (bf16 only on
   the GEMV, which has no ``tl.dot``: the interpreter's bf16 dot is wrong),
   split-K; each element within the error bound derived from what the kernel
   and the reference compute (``dequant_matmul_error_bound``, shown to catch a
@@ -49,7 +50,9 @@ U32 = 2.0**-24  # float32's unit roundoff
 
 
 def packed_weight(bits, n, k, group_size, zeros, seed, device="cpu"):
-    """Random codes, scales and zero points in format v1 (group_size None = per channel)."""
+    """Random codes, scales and zero points (group_size None = per channel); ``zeros``: False (symmetric), True
+    (uint8, format v1) or ``"float"`` (float32, format v2: anywhere in [-4, 20), as a QA-LoRA merge may move
+    them past the code range)."""
     g = torch.Generator().manual_seed(seed)
     group_size = group_size or k
     if bits == 4:
@@ -59,6 +62,8 @@ def packed_weight(bits, n, k, group_size, zeros, seed, device="cpu"):
     groups = reference.num_groups(k, group_size)  # the last group is short when group_size does not divide k
     scales = torch.rand(n, groups, generator=g) * 0.02 + 1e-3
     zero = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8) if zeros else None
+    if zeros == "float":
+        zero = torch.rand(n, groups, generator=g) * 24 - 4
     to = lambda t: None if t is None else t.to(device)
     return to(qweight), to(scales), to(zero), group_size
 
@@ -90,13 +95,17 @@ def dequant_matmul_error_bound(a, qweight, scales, zero, bits, group_size, k, pa
     * A float32 result computed as any tree of roundings equals ``sum(leaf (1 + theta))``, ``|theta| <= gamma_n``
       for n roundings on the leaf's path (Higham, Lemma 3.1 / eq. 3.4), whatever the tiling, split-K atomics or
       FMAs; a sum of L leaves has at most L - 1 additions on a path, and masked exact zeros round nothing.
-    * The reference rounds w to float32, multiplies, and sums in BLAS order: ``|ref32 - y*| <= gamma_{L+1} A``.
+    * The reference rounds w to float32, multiplies, and sums in BLAS order: ``|ref32 - y*| <= gamma_{L+1} A``;
+      with float32 zero points (format v2) ``c - z`` rounds too: ``gamma_{L+2} A``.
     * The kernels: ``gemm`` multiplies a by the exact integer ``c - z`` (exact in fp16/bf16) and the group's
       scale after the tile's dot, L + 1 roundings; the int8 ``gemv`` the same on CUDA cores; the int4 ``gemv``
       computes ``s (sum c a - z sum a)``, one subtraction more and leaves ``s c a`` and ``s z a``, so its
-      magnitude is ``A' = |a| ((|c| + |z|) s)`` (the zero point is taken off after the sums); ``gemm_t`` (and
+      magnitude is ``A' = |a| ((|c| + |z|) s)`` (the zero point is taken off after the sums), and so does
+      ``gemm`` with float zero points (per K tile: the dot of the bare codes, minus ``z`` times the tile's
+      sum of a, times s; a leaf's path has at most BK + T + 1 <= L + 2 roundings for T tiles of BK); ``gemm_t`` (and
       cuBLAS on the dequantized weight) rounds w to float32 and then to ``a.dtype`` (``u_t``, ``eta_t``) before
-      the dot. So ``|kern32 - y*| <= gamma_{L+2} A' + (1 + gamma_{L+2}) (u_t A + eta_t sum |a|)``.
+      the dot (float zero points: w's two float32 roundings, the product and L - 1 sums, L + 2 in all).
+      So ``|kern32 - y*| <= gamma_{L+2} A' + (1 + gamma_{L+2}) (u_t A + eta_t sum |a|)``.
     * On a GPU, fp16/bf16 dots run on tensor cores, which align each block of p >= 4 products to the largest
       exponent and truncate (Fasi, Higham, Mikaitis, Pranesh 2021): at most 2 (1 + 2/p) u <= 3u per term, so
       those accumulations count 4u per rounding. fp32 (``input_precision="ieee"``) and the GEMV round to nearest.
@@ -118,14 +127,16 @@ def dequant_matmul_error_bound(a, qweight, scales, zero, bits, group_size, k, pa
     length, dtype = w.shape[0], a.dtype
     a2 = a.detach().double().cpu().reshape(-1, length)  # (rows, L), exact
     y, magnitude = a2 @ w, a2.abs() @ w.abs()  # (rows, out)
-    kernel_magnitude = a2.abs() @ ((codes.abs() + zeros.abs()) * scale).t() if path == "gemv" and bits == 4 else magnitude
+    float_zeros = reference.float_zeros(zero)
+    zero_after_sums = bits == 4 and (path == "gemv" or path == "gemm" and float_zeros)
+    kernel_magnitude = a2.abs() @ ((codes.abs() + zeros.abs()) * scale).t() if zero_after_sums else magnitude
     u = 4 * U32 if gpu and dtype != torch.float32 and path != "gemv" else U32
     truncates = interpreted and dtype == torch.bfloat16
     e_kernel = gamma(length + 2, u) * kernel_magnitude
     if path in ("gemm_t", "cublas", "cublas_t"):
         u_t, eta_t = cast_error(dtype, truncates)
         e_kernel = e_kernel + (1 + gamma(length + 2, u)) * (u_t * magnitude + eta_t * a2.abs().sum(-1, keepdim=True))
-    e_ref = gamma(length + 1) * magnitude
+    e_ref = gamma(length + (2 if float_zeros else 1)) * magnitude
     (u_k, eta_k), (u_o, eta_o) = cast_error(dtype, truncates), cast_error(dtype)
     bound = e_kernel + e_ref + u_k * (y.abs() + e_kernel) + eta_k + u_o * (y.abs() + e_ref) + eta_o
     if bias is not None:
@@ -177,6 +188,12 @@ INT4_CASES = [
     (3, 576, 24, 128, True, torch.float32, 2),  # SmolLM2: 4.5 groups of 128
     (33, 95, 40, 64, False, torch.float32, 1),  # odd K: the padding nibble in the short group
     (1, 80, 40, 128, True, torch.float16, 1),  # one group, wider than K
+    # float32 zero points (format v2): the GEMM's zero-after-the-dot path, ragged groups, odd K
+    (1, 80, 40, 32, "float", torch.float32, 1),
+    (3, 95, 72, None, "float", torch.float16, 2),
+    (16, 576, 24, 128, "float", torch.float32, 2),
+    (33, 160, 40, 64, "float", torch.float16, 2),
+    (33, 96, 40, 32, "float", torch.float32, 1),
 ]
 INT8_CASES = [
     (1, 95, 40, None, False, torch.float32, 2),
@@ -189,11 +206,13 @@ INT8_CASES = [
     (3, 576, 24, 128, False, torch.float32, 2),
 ]
 CASES = [(4, *c) for c in INT4_CASES] + [(8, *c) for c in INT8_CASES]
-IDS = [f"int{b}-m{m}-k{k}-n{n}-g{g or 'pc'}-{'z' if z else 'sym'}-{str(d)[6:]}-s{s}" for b, m, k, n, g, z, d, s in CASES]
+IDS = [f"int{b}-m{m}-k{k}-n{n}-g{g or 'pc'}-{'fz' if z == 'float' else 'z' if z else 'sym'}-{str(d)[6:]}-s{s}"
+       for b, m, k, n, g, z, d, s in CASES]
 BF16_CASES = [(4, 32, True), (4, None, False), (8, None, False), (8, 64, False),
-              (4, 128, True), (8, 128, False)]  # K = 192: the last group of 128 is short
+              (4, 128, True), (8, 128, False), (4, 128, "float")]  # K = 192: the last group of 128 is short
 DEQUANT_CASES = [(4, 32, True, 160), (4, None, False, 95), (8, None, False, 95), (8, 64, False, 192),
-                 (4, 32, True, 80), (4, 64, False, 95), (8, 64, False, 160)]
+                 (4, 32, True, 80), (4, 64, False, 95), (8, 64, False, 160),
+                 (4, 32, "float", 80), (4, None, "float", 95)]  # float zeros: the same two roundings, bitwise
 
 
 def _forward(kernels, bits, m, k, n, group, zeros, dtype, split):
@@ -245,7 +264,8 @@ def _rejections(kernels_by_bits):
              "group 48": lambda: int4.gemm(x, qweight, scales[:, :2], zero[:, :2], 48, 96),
              "float64": lambda: int4.gemm(x.double(), qweight, scales, zero, 32, 96),
              "width": lambda: int4.gemm(x[:, :64], qweight, scales, zero, 32, 96),
-             "int8 zeros": lambda: int8.gemm(x, q8, s8, torch.zeros(40, 1, dtype=torch.uint8), 96, 96)}
+             "int8 zeros": lambda: int8.gemm(x, q8, s8, torch.zeros(40, 1, dtype=torch.uint8), 96, 96),
+             "float64 zeros": lambda: int4.gemm(x, qweight, scales, zero.double(), 32, 96)}
     results = []
     for what, call in calls.items():
         try:
@@ -381,6 +401,7 @@ def test_triton_wrappers_reject_what_they_do_not_implement(jobs):
     assert "float16, bfloat16 or float32" in messages["float64"]
     assert "expected (..., 96)" in messages["width"]
     assert "symmetric" in messages["int8 zeros"]
+    assert "float32 (v2)" in messages["float64 zeros"]
     assert (messages["supports ok"], messages["supports group 48"], messages["supports int8 as bits=4"]) == ("True", "False", "False")
     assert messages["supports ragged"] == "True"
     for what in ("gemm floor groups", "supports floor groups"):  # 80 / 32 rounds up to 3 groups, not down to 2
@@ -431,6 +452,9 @@ def test_kernel_error_bound_catches_real_defects(dtype):
     (4, 1, 320, 48, 128, False),  # a short last group on int4pack (fp32, M=1), which runs in groups of 64
     (4, 1, 96, 47, 32, True),  # odd N at M=1: int4pack does not apply
     (8, 5, 160, 40, 64, False),
+    (4, 1, 96, 48, 32, "float"),  # float32 zero points (format v2) on int4pack (fp32, M=1)
+    (4, 3, 80, 48, 32, "float"),  # ... and on the exact path, a short last group
+    (4, 1, 95, 40, None, "float"),  # odd K per channel: the exact path
 ])
 def test_cpu_dispatch_matches_reference(bits, m, k, n, group, zeros):
     qweight, scales, zero, group_size = packed_weight(bits, n, k, group, zeros, seed=8)
@@ -442,7 +466,8 @@ def test_cpu_dispatch_matches_reference(bits, m, k, n, group, zeros):
 
 def test_cpu_exact_path_is_bitwise_the_reference():
     for bits, group, zeros, k in [(4, 32, True, 96), (4, None, False, 95), (8, None, False, 96), (8, 32, True, 64),
-                                  (4, 32, True, 80), (4, 64, False, 95), (8, 128, False, 320)]:  # short last groups
+                                  (4, 32, True, 80), (4, 64, False, 95), (8, 128, False, 320),  # short last groups
+                                  (4, 32, "float", 80), (4, None, "float", 95)]:  # float32 zero points (format v2)
         qweight, scales, zero, group_size = packed_weight(bits, 48, k, group, zeros, seed=9)
         assert torch.equal(dispatch.dequantize_fast(qweight, scales, zero, bits, group_size, k),
                            reference.dequantize(qweight, scales, zero, bits, group_size, k))
@@ -456,6 +481,7 @@ INT4PACK_CASES = [  # (M, K, N, group or None = per channel, zeros): int4pack ne
     (1, 320, 48, 128, True),  # K not a multiple of the group: a short last group, run in groups of 64
     (3, 160, 64, 64, False), (1, 576, 16, 128, True),  # SmolLM2's K: 4.5 groups of 128
     (32, 160, 80, 32, True),  # the largest M the bf16 path takes
+    (1, 320, 48, 128, "float"), (32, 160, 80, 32, "float"),  # float32 zero points (format v2)
 ]
 
 
@@ -635,26 +661,33 @@ COMPILE_SCRIPT = textwrap.dedent('''
     from slimtune.compress.kernels import triton_int4, triton_int8
     assert not triton.knobs.runtime.interpret
     PTR = {"s_ptr": "*fp32", "z_ptr": "*u8"}
-    def compile_kernel(kernel, cc, q_type, consts, num_warps, num_stages):
+    def compile_kernel(kernel, cc, q_type, consts, num_warps, num_stages, z_type="*u8"):
         fn = kernel.fn if hasattr(kernel, "configs") else kernel  # the JITFunction under an autotuner
-        signature = {a: "constexpr" if a in consts else PTR.get(a, q_type if a == "q_ptr" else "*fp16" if a.endswith("_ptr") else "i32")
+        ptr = {**PTR, "z_ptr": z_type}
+        signature = {a: "constexpr" if a in consts else ptr.get(a, q_type if a == "q_ptr" else "*fp16" if a.endswith("_ptr") else "i32")
                      for a in fn.arg_names}
         src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
         return triton.compile(src, target=GPUTarget("cuda", cc, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     for bits, mod, q_type in ((4, triton_int4, "*u8"), (8, triton_int8, "*i8")):
         zeros = {"HAS_ZEROS": True} if bits == 4 else {}
-        jobs = [(f"_int{bits}_gemv_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1, "BLOCK_M": 16}),
-                (f"_int{bits}_gemm_kernel", {"GROUP_SIZE": 0, "SPLIT_K": 2}),
-                (f"_int{bits}_gemm_t_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1}),
-                (f"_int{bits}_dequantize_kernel", {"BLOCK_N": 32, "BLOCK_K": 128})]
-        for name, consts in jobs:
+        int_zeros = {"FLOAT_ZEROS": False} if bits == 4 else {}
+        jobs = [(f"_int{bits}_gemv_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1, "BLOCK_M": 16}, "*u8"),
+                (f"_int{bits}_gemm_kernel", {"GROUP_SIZE": 0, "SPLIT_K": 2, **int_zeros}, "*u8"),
+                (f"_int{bits}_gemm_t_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1}, "*u8"),
+                (f"_int{bits}_dequantize_kernel", {"BLOCK_N": 32, "BLOCK_K": 128}, "*u8")]
+        if bits == 4:  # float32 zero points (format v2): the GEMM's own path, and the float loads of the others
+            jobs += [("_int4_gemv_kernel", {"GROUP_SIZE": 128, "SPLIT_K": 1, "BLOCK_M": 4}, "*fp32"),
+                     ("_int4_gemm_kernel", {"GROUP_SIZE": 64, "SPLIT_K": 1, "FLOAT_ZEROS": True}, "*fp32"),
+                     ("_int4_gemm_t_kernel", {"GROUP_SIZE": 64, "SPLIT_K": 2}, "*fp32")]
+        for name, consts, z_type in jobs:
             kernel = getattr(mod, name)
             config = kernel.configs[0] if hasattr(kernel, "configs") else None  # the smallest tiles compile fastest
             meta = {**zeros, **consts, **(config.kwargs if config else {})} if "dequantize" not in name else {**zeros, **consts}
             for cc in (80, 90):
                 compiled = compile_kernel(kernel, cc, q_type, meta, config.num_warps if config else 4,
-                                          config.num_stages if config else 1)
-                print(json.dumps({"kernel": name, "cc": cc, "arch": compiled.metadata.target.arch,
+                                          config.num_stages if config else 1, z_type)
+                label = name + (" float zeros" if z_type == "*fp32" else "")
+                print(json.dumps({"kernel": label, "cc": cc, "arch": compiled.metadata.target.arch,
                                   "ptx_target": re.findall(r"\\.target (sm_\\w+)", compiled.asm["ptx"]),
                                   "cubin_elf": compiled.asm["cubin"][:4] == b"\\x7fELF"}), flush=True)
 ''')
@@ -664,7 +697,8 @@ COMPILE_SCRIPT = textwrap.dedent('''
 def test_every_kernel_compiles_for_sm80_and_sm90(jobs):
     results = jobs["compile"].results()["compile"]
     kernels = {r["kernel"] for r in results}
-    assert kernels == {f"_int{b}_{k}_kernel" for b in (4, 8) for k in ("gemv", "gemm", "gemm_t", "dequantize")}
+    assert kernels == ({f"_int{b}_{k}_kernel" for b in (4, 8) for k in ("gemv", "gemm", "gemm_t", "dequantize")}
+                       | {f"_int4_{k}_kernel float zeros" for k in ("gemv", "gemm", "gemm_t")})
     for r in results:
         assert r["arch"] == r["cc"] and r["cubin_elf"], r
         assert r["ptx_target"] == [f"sm_{r['cc']}" + ("a" if r["cc"] == 90 else "")], r
@@ -684,7 +718,8 @@ def _gpu_kernels(bits):
 
 @needs_triton
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits, group, zeros", [(4, 128, False), (4, 32, True), (4, None, True), (8, None, False)])
+@pytest.mark.parametrize("bits, group, zeros", [(4, 128, False), (4, 32, True), (4, None, True), (8, None, False),
+                                                (4, 64, "float"), (4, None, "float")])  # float: format v2 zero points
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_kernels_match_reference(bits, group, zeros, dtype):
     kernels = _gpu_kernels(bits)

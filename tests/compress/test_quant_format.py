@@ -149,3 +149,33 @@ def test_w8a8_reference_is_close_to_the_float_product():
 def test_unsupported_schemes_are_refused(fields, message):
     with pytest.raises(SlimTuneError, match=message):
         QuantScheme(**fields)
+
+
+def test_float_zero_points_are_format_v2_and_v1_configs_are_unchanged(tmp_path):
+    """Format v2's float32 zero points dequantize as fl(fl(code - zero) * scale), computed here independently in
+    NumPy float32 (one rounding per operation); a v2 layer records ``zero_dtype`` and rebuilds from its config
+    and a safetensors file bit for bit; a v1 layer's config and zeros are what they always were."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    k, n, gs = 80, 12, 32  # three groups, the last 16 wide
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    scales = torch.rand(n, 3, generator=g) * 0.02 + 1e-3
+    zeros = torch.rand(n, 3, generator=g) * 24 - 4  # a merge may move zero points past the code range
+    expand = lambda t: np.repeat(t.numpy(), gs, axis=1)[:, :k]  # noqa: E731
+    expect = (codes.numpy().astype(np.float32) - expand(zeros)) * expand(scales)
+    assert np.array_equal(dequantize(pack_int4(codes), scales, zeros, 4, gs, k).numpy(), expect)
+
+    layer = QuantLinear(k, n, 4, gs, symmetric=False, zero_dtype="float32")
+    layer.qweight.copy_(pack_int4(codes))
+    layer.scales.copy_(scales)
+    layer.zeros.copy_(zeros)
+    save_file(layer.state_dict(), str(tmp_path / "v2.safetensors"))
+    assert layer.config()["zero_dtype"] == "float32"
+    rebuilt = QuantLinear.from_config(layer.config())
+    rebuilt.load_state_dict(load_file(str(tmp_path / "v2.safetensors")))
+    assert rebuilt.zeros.dtype == torch.float32 and torch.equal(rebuilt.dequantized_weight(), torch.from_numpy(expect))
+    v1 = QuantLinear(k, n, 4, gs)
+    assert "zero_dtype" not in v1.config() and v1.zeros.dtype == torch.uint8
+    with pytest.raises(SlimTuneError, match="zero_dtype='float16'"):
+        QuantLinear(k, n, 4, gs, symmetric=False, zero_dtype="float16")

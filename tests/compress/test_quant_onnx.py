@@ -72,6 +72,35 @@ def test_matmul_nbits_operands_compute_the_reference(k, scheme, tmp_path):
         np.testing.assert_allclose(out, ref.numpy(), atol=1e-5 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("k, group_size", [(80, 32), (33, None), (128, 64)], ids=["g32-short-last", "channel-padded", "g64"])
+def test_matmul_nbits_float_zero_points_compute_the_reference(k, group_size, tmp_path):
+    """Format v2's float32 zero points (an exact QA-LoRA merge) go to MatMulNBits unpacked in A's type, and ONNX
+    Runtime dequantizes them as (code - zero) * scale, padded blocks included. Bound on |ORT - reference|: ORT's
+    float32 result is within gamma_{K+3} |x| ((|c| + |z|) s) of y* = x W^T however it forms each weight ((c - z) s,
+    or c s - z s: at most three roundings) and sums K products; the reference within gamma_{K+2} |x| |W|."""
+    n, gamma = 24, lambda m: m * 2.0**-24 / (1 - m * 2.0**-24)
+    g = torch.Generator().manual_seed(k)
+    group = group_size or k
+    groups = -(-k // group)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    scales, zeros = torch.rand(n, groups, generator=g) * 0.02 + 1e-3, torch.rand(n, groups, generator=g) * 24 - 4
+    qweight = reference.pack_int4(codes)
+    b, s, zp = matmul_nbits_operands(qweight.numpy(), scales.numpy(), zeros.numpy(), group, k)
+    block = nbits_block_size(group, k)
+    assert zp.dtype == np.float32 and zp.shape == s.shape == (n, -(-k // block))
+    (tmp_path / "m.onnx").write_bytes(matmul_nbits_model(b, s, zp, n, k, block))
+    session = ort_session(tmp_path / "m.onnx")
+    expand = lambda t: t.double().repeat_interleave(group, dim=1)[:, :k]  # noqa: E731
+    w = (codes.double() - expand(zeros)) * expand(scales)  # (N, K), exact
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=g)
+        ref = reference.dequant_matmul(x, qweight, scales, zeros, 4, group, k)
+        out = session.run(None, {"A": x.numpy()})[0]
+        xa = x.double().abs()
+        bound = gamma(k + 3) * (xa @ ((codes.double() + expand(zeros).abs()) * expand(scales)).t()) + gamma(k + 2) * (xa @ w.abs().t())
+        assert (torch.from_numpy(out).double() - ref.double()).abs().le(bound).all()
+
+
 # -- the lowerings through torch.onnx.export, on awkward shapes ---------------------------
 
 
