@@ -17,3 +17,5 @@ from slimtune.delta.io import load_delta_, save_delta  # noqa: F401 - registers 
 from slimtune.delta.peft import load_peft_, save_peft  # noqa: F401,E402 - PEFT interoperability
 from slimtune.delta.prefix import PrefixTuning, add_prefix_, finalize_  # noqa: F401,E402 - registers "prefix"
 from slimtune.delta.qalora import QALoraLinear  # noqa: F401,E402 - registers the "QALoraLinear" module type (quant_aware LoRA)
+from slimtune.delta.adapter import HoulsbyAdapter, ParallelAdapter, ResidualParallelAdapter, add_adapters_  # noqa: F401,E402 - registers "adapter"
+from slimtune.delta.bitfit import BiasDelta, add_bitfit_, merge_and_unload_bitfit_, merge_bitfit_, unmerge_bitfit_  # noqa: F401,E402 - registers "bitfit"
