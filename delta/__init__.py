@@ -19,3 +19,4 @@ from slimtune.delta.prefix import PrefixTuning, add_prefix_, finalize_  # noqa: 
 from slimtune.delta.qalora import QALoraLinear  # noqa: F401,E402 - registers the "QALoraLinear" module type (quant_aware LoRA)
 from slimtune.delta.adapter import HoulsbyAdapter, ParallelAdapter, ResidualParallelAdapter, add_adapters_  # noqa: F401,E402 - registers "adapter"
 from slimtune.delta.bitfit import BiasDelta, add_bitfit_, merge_and_unload_bitfit_, merge_bitfit_, unmerge_bitfit_  # noqa: F401,E402 - registers "bitfit"
+from slimtune.delta.ladder import LadderSideNetwork, add_ladder_  # noqa: F401,E402 - registers "ladder"
