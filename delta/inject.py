@@ -67,6 +67,19 @@ class DeltaLayer(nn.Module):
         self.merged = False
         self.order = next(_ORDER)  # attach order: saved deltas are rebuilt inner first
 
+    def __getattr__(self, name: str):
+        """What the wrapper lacks is the wrapped backbone module's (``in_features``, ``head_dim``, ``config``, ...), so code
+        that reads a module's attributes (the structure map, a task head) works on the wrapper too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "_modules", "_parameters", "_buffers") or "base_layer" not in self._modules:
+                raise
+            inner = self._modules["base_layer"]
+            while isinstance(inner, DeltaLayer):  # the backbone module's own attributes, never another delta's
+                inner = inner._modules["base_layer"]
+            return getattr(inner, name)
+
     # -- artifact protocol -------------------------------------------------------
     def config(self) -> dict:
         return {}
@@ -78,7 +91,7 @@ class DeltaLayer(nn.Module):
     # -- merging -----------------------------------------------------------------
     def merge(self) -> None:
         raise SlimTuneError(f"{self.method} cannot be merged into the weights it adapts",
-                            "keep the delta attached (merge: false); only LoRA (and DoRA) merge")
+                            "keep the delta attached (merge: false); LoRA, DoRA, QA-LoRA and BitFit merge")
 
     def unmerge(self) -> None:
         raise SlimTuneError(f"{self.method} cannot be unmerged", "only a merged LoRA unmerges")
@@ -136,9 +149,29 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
 
 
 def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module a target may name: none inside a delta (its own parts, the module it wraps)."""
-    wrappers = [n + "." for n, m in model.named_modules() if isinstance(m, DeltaLayer)]
-    return {n: m for n, m in model.named_modules() if not any(n.startswith(w) for w in wrappers)}
+    """Every module a target may name: the backbone's, also inside a delta that wraps a whole body, but never
+    a delta's own parts (its adapters, side network, ...) nor a wrapped module apart from its wrapper."""
+    own = [f"{n}.{child}." for n, m in model.named_modules() if isinstance(m, DeltaLayer)
+           for child, _ in m.named_children() if child != "base_layer"]
+    return {n: m for n, m in model.named_modules()
+            if not n.endswith("base_layer") and not any(f"{n}.".startswith(o) for o in own)}
+
+
+def canonical(name: str) -> str:
+    """A module path without the ``base_layer`` steps wrappers add (the backbone's own name for it)."""
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def resolve(model: nn.Module, name: str) -> str:
+    """The current path of the slot a backbone path (:func:`canonical`) names, through any wrappers on the way."""
+    path, module = [], model
+    for part in name.split(".") if name else []:
+        while isinstance(module, DeltaLayer) and part not in dict(module.named_children()):
+            path.append("base_layer")
+            module = module.base_layer
+        path.append(part)
+        module = getattr(module, part)
+    return ".".join(path)
 
 
 def select_modules(model: nn.Module, targets: list[str] | str, types: list[str] | None = None,
@@ -264,16 +297,22 @@ def detach_(model: nn.Module, name: str = DEFAULT) -> nn.Module:
 
 @contextmanager
 def detached(model: nn.Module):
-    """The bare backbone for the duration of the block (e.g. to save it); every delta is put back after."""
-    found = deltas(model)
-    outermost = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+    """The bare backbone for the duration of the block (e.g. to save it); every delta is put back after.
+
+    Wrappers are taken off innermost first (nested wrappers, and deltas inside a
+    wrapped body, alike) and put back in the opposite order.
+    """
+    taken = []
     try:
-        for qualified, wrapper in outermost:
-            _replace(model, qualified, _innermost(wrapper))
+        for qualified, wrapper in reversed(deltas(model)):  # named_modules is pre-order: inner ones come later
+            parent, _, child = qualified.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, wrapper.base_layer)
+            taken.append((owner, child, wrapper))
         yield model
     finally:
-        for qualified, wrapper in outermost:
-            _replace(model, qualified, wrapper)
+        for owner, child, wrapper in reversed(taken):
+            setattr(owner, child, wrapper)
 
 
 def _replace(model: nn.Module, qualified: str, module: nn.Module) -> None:

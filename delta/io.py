@@ -32,7 +32,7 @@ from torch import nn
 from slimtune.artifact import META_FILE, WEIGHTS_FILE, Artifact, file_sha256, read_meta, replace_dir, verify, write_json
 from slimtune.errors import ArtifactError, SlimTuneError
 from slimtune.registry import MODULE_TYPES, Attachment, register_attachment
-from slimtune.delta.inject import DeltaLayer, deltas, detached, wrap_
+from slimtune.delta.inject import DeltaLayer, canonical, deltas, detached, resolve, wrap_
 
 DELTA_DIR = "deltas"
 DELTA_META = "delta.json"
@@ -58,16 +58,16 @@ def delta_records(model: nn.Module, backbone_sha256: str | None, info: dict | No
         methods = sorted({m.method for _, m in found if m.method != "trained-copy"}) or ["trained-copy"]
         records.append({"name": name, "method": "+".join(methods), "file": f"{DELTA_DIR}/{name}.safetensors",
                         "backbone_sha256": backbone_sha256, "active": all(m.active for _, m in found),
-                        "modules": [{"module": n, "type": type(m).__name__, "config": m.config()} for n, m in found],
+                        "modules": [{"module": canonical(n), "type": type(m).__name__, "config": m.config()} for n, m in found],
                         **({"stage": info[name]} if info and name in info else {})})
     return records
 
 
 def _delta_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = {}
-    for qualified, wrapper in deltas(model, name):
+    for qualified, wrapper in deltas(model, name):  # keyed by backbone paths: the same whatever wraps around later
         for pname, p in wrapper.delta_parameters():
-            state[f"{qualified}.{pname}"] = p.detach().contiguous()
+            state[f"{canonical(qualified)}.{pname}"] = p.detach().contiguous()
     return state
 
 
@@ -102,11 +102,11 @@ def attach_records_(model: nn.Module, records: list[dict], directory: Path, back
             if cls is None or not issubclass(cls, DeltaLayer):
                 raise ArtifactError(f"{where}: delta module type {module['type']!r} is not known", "install the SlimTune version that wrote it")
             try:
-                model.get_submodule(module["module"])
+                slot = resolve(model, module["module"])
             except AttributeError:
                 raise ArtifactError(f"{where}: delta {record['name']!r} adapts {module['module']}, which this model does not have",
                                     "attach the delta to the model it was trained on") from None
-            wrap_(model, module["module"], lambda m, cls=cls, module=module: cls.from_config(m, module["config"], record["name"]))
+            wrap_(model, slot, lambda m, cls=cls, module=module: cls.from_config(m, module["config"], record["name"]))
         state = load_file(directory / record["file"])
         expected = _delta_state(model, record["name"])
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -118,7 +118,7 @@ def attach_records_(model: nn.Module, records: list[dict], directory: Path, back
         with torch.no_grad():
             for qualified, wrapper in deltas(model, record["name"]):
                 for pname, p in wrapper.delta_parameters():
-                    p.copy_(state[f"{qualified}.{pname}"])
+                    p.copy_(state[f"{canonical(qualified)}.{pname}"])
                 wrapper.active = bool(record.get("active", True))
         names.append(record["name"])
     return names

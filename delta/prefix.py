@@ -178,14 +178,6 @@ class PrefixTuning(DeltaLayer):
         self._positional = [p.name for p in inspect.signature(base_layer.forward).parameters.values()
                             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "_modules", "_parameters", "_buffers"):
-                raise
-            return getattr(self.base_layer, name)
-
     # -- the prefix --------------------------------------------------------------
     def prefix_tensor(self) -> torch.Tensor:
         """``(P, width)``: every layer's prefix keys and values (see :func:`split_prefix`)."""
@@ -315,11 +307,10 @@ def add_prefix_(model: nn.Module, num_virtual_tokens: int = 20, projection: bool
         raise SlimTuneError(f"prefix-tuning wraps the transformer body inside a task model; {type(model).__name__} "
                             "is a bare body", "load the model with its task head (AutoModelForSequenceClassification, "
                             "AutoModelForCausalLM); the embedding task's bare model takes no prefix")
-    inside = [n for n, m in deltas(model) if n == body or n.startswith(body + ".")]
-    if inside:
-        held = type(model.get_submodule(inside[0])).__name__
-        raise SlimTuneError(f"prefix-tuning wraps {body!r}, but a delta ({held} at {inside[0]}) is already inside it",
-                            "attach the prefix first (one prefix per model), or detach_ the other delta")
+    other = [n for n, m in deltas(model) if isinstance(m, PrefixTuning)]
+    if other:
+        raise SlimTuneError(f"prefix-tuning wraps {body!r}, but a prefix is already attached at {other[0]}",
+                            "one prefix per model: detach_ the other one, or give it more virtual tokens")
     wrap_(model, body, lambda m: PrefixTuning(m, name, num_virtual_tokens, projection, hidden))
     if freeze:
         freeze_backbone_(model, train)
@@ -366,10 +357,9 @@ class Prefix(DeltaStage):
             raise CompositionError(f"{this}: prefix-tuning needs a key/value cache to hand its prefix to the attention; "
                                    f"model type {model_type!r} has none SlimTune can use",
                                    f"use a model of type {', '.join(SUPPORTED)}; or another delta (lora, adapter, bitfit)")
-        if state.deltas:
-            raise CompositionError(f"{this}: prefix-tuning wraps the whole transformer body, but {state.delta_stage} "
-                                   f"already attached delta(s) {', '.join(state.deltas)} inside it",
-                                   "put the prefix stage first among the delta stages (one prefix per model)")
+        if "prefix" in state.delta_methods:
+            raise CompositionError(f"{this}: an earlier stage already attached a prefix (one prefix per model)",
+                                   "give the first prefix stage more virtual tokens instead")
         return super().compose(config, state, this)
 
     def attach(self, ctx, model, config: PrefixConfig, name: str) -> list[str]:

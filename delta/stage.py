@@ -71,7 +71,8 @@ class DeltaStage:
         if config.merge and not cls.mergeable:
             raise CompositionError(f"{this}: {cls.name} cannot be merged into the weights it adapts",
                                    "remove merge: true (the delta stays attached and is saved beside its backbone)")
-        return state if config.merge else state.but(deltas=state.deltas + (name,), delta_stage=state.delta_stage or this)
+        return state if config.merge else state.but(deltas=state.deltas + (name,), delta_methods=state.delta_methods + (cls.name,),
+                                                    delta_stage=state.delta_stage or this)
 
     def run(self, ctx: StageContext, config) -> StageResult:
         from slimtune.distributed.trainer import Trainer, stage_metrics, task_eval_fn

@@ -110,7 +110,7 @@ class ModelState:
         uneven: structured pruning removed heads or FFN neurons, so blocks may differ in width.
         layers: transformer blocks (None: unknown, e.g. before the model is read).
         model_type: the source model's ``config.model_type`` (None: unknown); stages keep it.
-        deltas: names of the deltas attached (and not merged) by delta stages.
+        deltas: names of the deltas attached (and not merged) by delta stages; delta_methods: their methods.
         delta_stage: the first stage that attached one.
     """
 
@@ -121,6 +121,7 @@ class ModelState:
     layers: int | None = None
     model_type: str | None = None
     deltas: tuple[str, ...] = ()
+    delta_methods: tuple[str, ...] = ()
     delta_stage: str | None = None
 
     def but(self, **changes) -> "ModelState":

@@ -213,3 +213,27 @@ def test_stages_after_a_delta_are_refused_unless_merged(write_recipe, tmp_path):
         load_recipe(write_recipe("- lora: {rank: 2}\n- lora: {rank: 2}\n"))
     load_recipe(write_recipe("- lora: {rank: 2}\n- lora: {rank: 2, name: second}\n- evaluate: {onnx: false}\n"))
     load_recipe(write_recipe("- lora: {rank: 2, merge: true}\n- quantize: {bits: 8}\n"))
+
+
+@pytest.mark.parametrize("lora_first", [True, False])
+def test_lora_and_a_body_wrapping_delta_nest_either_way_and_round_trip(tmp_path, bert, tiny_bert, lora_first):
+    """A LoRA inside a prefix-wrapped body (or around it): targets resolve, detached() strips both, saving rebuilds."""
+    from slimtune.delta import add_prefix_, detached
+
+    x = _ids(bert)
+    ref = bert(input_ids=x).logits
+    steps = [lambda: add_lora_(bert, ["query", "value"], rank=2, name="l"), lambda: add_prefix_(bert, 3, name="p")]
+    for step in (steps if lora_first else steps[::-1]):
+        step()
+    assert len(deltas(bert, "l")) == 4  # both layers' query and value, wherever the body sits
+    _perturb(bert)
+    out = bert(input_ids=x).logits
+    with detached(bert):
+        assert not deltas(bert) and torch.equal(bert(input_ids=x).logits, ref)
+    assert torch.equal(bert(input_ids=x).logits, out)
+    save_delta(bert, tmp_path / "both")
+    torch.manual_seed(0)  # the fixture's head initialisation
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+    assert torch.equal(fresh(input_ids=x).logits, ref)
+    assert load_delta_(fresh, tmp_path / "both") == (["l", "p"] if lora_first else ["p", "l"])
+    assert torch.equal(fresh(input_ids=x).logits, out)

@@ -188,7 +188,7 @@ def test_bad_input_is_refused(bert, tiny_bert):
     with pytest.raises(SlimTuneError, match="model type 'distilbert' has no key/value cache path"):
         add_prefix_(distil, P)
     add_prefix_(bert, P)
-    with pytest.raises(SlimTuneError, match="already inside it"):
+    with pytest.raises(SlimTuneError, match="a prefix is already attached"):
         add_prefix_(bert, P, name="second")
     with pytest.raises(SlimTuneError, match="bare body"):
         add_prefix_(AutoModel.from_pretrained(tiny_bert), P)
@@ -272,7 +272,7 @@ def test_stage_refuses_a_model_without_a_cache_at_validation(tmp_path, tiny_bert
     assert "stages[0] prefix" in err.value.message and "key/value cache" in err.value.message
     assert not (tmp_path / "run").exists()  # refused at validation: nothing written
     for stage, field in (("- prefix: {num_virtual_tokens: 0}\n", "num_virtual_tokens"), ("- prefix: {merge: true}\n", "cannot be merged"),
-                         ("- lora: {rank: 2}\n- prefix: {}\n", "already attached delta")):
+                         ("- prefix: {}\n- prefix: {name: again}\n", "already attached a prefix")):
         recipe.write_text(recipe_text(tiny_bert, tiny_csv, stage))
         with pytest.raises(RecipeError, match=field):
             slimtune.run(recipe, out=tmp_path / "run")
