@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
 
 import slimtune
 from slimtune.cli import main
@@ -12,26 +12,11 @@ from slimtune.delta import (HoulsbyAdapter, ParallelAdapter, ResidualParallelAda
                             disabled)
 from slimtune.errors import SlimTuneError
 from tests.conftest import recipe_text
+from tests.delta.conftest import token_ids as _ids
 
 ATOL = 1e-3  # the export stage's default atol, which its own validation enforces
 FINETUNE = "- finetune: {max_steps: 1, eval_split: none}\n"
 EXPORT = "- export: {max_examples: 8}\n"
-
-
-@pytest.fixture
-def bert(tiny_bert):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
-
-
-@pytest.fixture
-def llama(tiny_llama):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
-def _ids(model, shape=(3, 9), seed=1):
-    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _perturb(model, std=0.5):

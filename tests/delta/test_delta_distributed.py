@@ -1,4 +1,8 @@
-"""Every delta method trains to the same result single-process, under DDP and under FSDP (compare_strategies)."""
+"""Every delta method trains to the same result single-process, under DDP and under FSDP (compare_strategies).
+
+The methods are stacked in two recipes (each stage adds one more delta on the same backbone), so three runs
+per recipe check every method's stage: its delta file must agree across strategies.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +11,34 @@ import pytest
 from slimtune.distributed.testing import compare_strategies
 
 pytestmark = pytest.mark.distributed
-TRAIN = {"task.limit": 128, "train.batch_size": 16}  # 8 steps of lr 5e-3 (the tiny recipe's)
-METHODS = {
-    "lora": "- lora: {rank: 4, targets: [all-linear]}\n",
+TRAIN = {"task.limit": 128, "train.batch_size": 16}  # 8 steps of lr 5e-3 (the tiny recipe's) per stage
+RECIPES = {
+    "float": ["lora: {rank: 4, targets: [all-linear]}", "lora: {rank: 2, targets: [query, value], dora: true, name: dora}",
+              "adapter: {kind: houlsby, size: 4}", "adapter: {kind: parallel, size: 4, where: ffn, name: parallel}",
+              "bitfit: {layernorm: true}", "prefix: {num_virtual_tokens: 4}"],
+    "int4": ["quantize: {bits: 4, group_size: 32}", "lora: {rank: 2, targets: [all-linear], quant_aware: true}",
+             "ladder: {reduction: 2}"],
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_delta_agrees_under_single_ddp_and_fsdp(method, write_recipe, tmp_path):
+@pytest.mark.parametrize("which", sorted(RECIPES))
+def test_every_delta_agrees_under_single_ddp_and_fsdp(which, write_recipe, tmp_path):
     # compare_strategies' default atol 1e-5: the runs differ only in summation order; a gradient
     # sums K = 16 x 16 = 256 terms (K * 2^-24 = 1.5e-5 relative, doubled by Adam's m / sqrt(v)),
-    # over T = 8 steps of at most lr = 5e-3: 8 * 5e-3 * 3e-5 = 1.2e-6, times 4 for feedback.
-    recipe = write_recipe(METHODS[method] + "- evaluate: {split: test, latency: false, onnx: false}\n")
+    # over T = 8 steps of at most lr = 5e-3: 8 * 5e-3 * 3e-5 = 1.2e-6, times 4 for feedback; each
+    # stage starts from the previous stage's saved (agreeing) result.
+    stages = RECIPES[which]
+    recipe = write_recipe("".join(f"- {s}\n" for s in stages) + "- evaluate: {split: test, latency: false, onnx: false}\n")
     report = compare_strategies(recipe, tmp_path, overrides=TRAIN)
     assert report.ok, str(report)
-    stage = next(iter(METHODS[method][2:].split(":")))
-    assert ("fsdp", stage) in report.weight_diff and ("ddp", stage) in report.weight_diff
-    for name in ("ddp", "fsdp"):  # the delta file holds the full, gathered tensors (never empty shards)
-        saved = report.runs[name].stages[0].path / "deltas"
-        assert [p.name for p in saved.iterdir()] == [f"{stage}.safetensors"]
+    deltas = []
+    for i, stage in enumerate(stages):
+        method = stage.split(":")[0]
+        if method == "quantize":
+            continue
+        name = stage.split("name: ")[1].rstrip("}") if "name: " in stage else method
+        deltas.append(f"{name}.safetensors")
+        assert ("fsdp", method) in report.weight_diff and ("ddp", method) in report.weight_diff
+        for strategy in ("ddp", "fsdp"):  # every delta so far, with the full gathered tensors (never empty shards)
+            saved = report.runs[strategy].stages[i].path / "deltas"
+            assert sorted(p.name for p in saved.iterdir()) == sorted(deltas)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModel
 
 import slimtune
 from slimtune import arch
@@ -14,18 +14,6 @@ from slimtune.delta import LadderSideNetwork, add_ladder_, deltas, detach_, disa
 from slimtune.errors import RecipeError, SlimTuneError
 from slimtune.tasks import CausalLM
 from tests.conftest import recipe_text
-
-
-@pytest.fixture
-def bert(tiny_bert):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
-
-
-@pytest.fixture
-def llama(tiny_llama):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 import slimtune
 from slimtune.compress import quantize_
@@ -13,22 +13,7 @@ from slimtune.delta import (LoraLinear, add_lora_, deltas, detach_, disabled, lo
                             save_delta, select_modules, set_active, unmerge_)
 from slimtune.errors import ArtifactError, SlimTuneError
 from tests.conftest import recipe_text
-
-
-@pytest.fixture
-def bert(tiny_bert):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
-
-
-@pytest.fixture
-def llama(tiny_llama):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
-def _ids(model, shape=(3, 9), seed=1):
-    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+from tests.delta.conftest import token_ids as _ids
 
 
 def _perturb(model, std=0.5):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, DistilBertConfig,
+from transformers import (AutoModel, AutoModelForSequenceClassification, DistilBertConfig, 
                           DistilBertForSequenceClassification)
 
 import slimtune
@@ -14,24 +14,13 @@ from slimtune.delta import deltas, detach_, disabled, load_delta_, save_delta
 from slimtune.delta.prefix import PrefixTuning, add_prefix_, finalize_, widen_mask
 from slimtune.errors import RecipeError, SlimTuneError
 from tests.conftest import recipe_text
+from tests.delta.conftest import token_ids
 
 P = 4  # virtual tokens
 
 
-@pytest.fixture
-def bert(tiny_bert):
-    torch.manual_seed(0)
-    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
-
-
-@pytest.fixture
-def llama(tiny_llama):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
 def _ids(model, shape=(3, 9), seed=1):
-    return torch.randint(5, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    return token_ids(model, shape, seed, low=5)
 
 
 def _padded_mask(shape=(3, 9)):

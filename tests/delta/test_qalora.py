@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+
 
 import slimtune
 from slimtune.compress import quantize_
@@ -29,22 +29,13 @@ from slimtune.delta.lora import requantize
 from slimtune.delta.qalora import QALoraLinear, expand_groups, group_lengths, merge_error_bound
 from slimtune.errors import SlimTuneError
 from tests.conftest import recipe_text
+from tests.delta.conftest import token_ids as _ids
 
 U = 2.0**-24  # float32's unit roundoff
 
 
 def gamma(n: int) -> float:
     return n * U / (1 - n * U)
-
-
-@pytest.fixture
-def llama(tiny_llama):
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-
-
-def _ids(model, shape=(3, 9), seed=1):
-    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _perturb(model, std=0.5, seed=7):

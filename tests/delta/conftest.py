@@ -1,0 +1,24 @@
+"""Fixtures of the delta tests: the tiny BERT (with a fresh 2-label head) and the tiny Llama, in eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+
+@pytest.fixture
+def bert(tiny_bert):
+    torch.manual_seed(0)  # the new head's initialisation
+    return AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).eval()
+
+
+@pytest.fixture
+def llama(tiny_llama):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+
+
+def token_ids(model, shape=(3, 9), seed=1, low=0):
+    """Random token ids in the model's vocabulary (from ``low``: the prefix tests keep clear of special tokens)."""
+    return torch.randint(low, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
