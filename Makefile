@@ -35,7 +35,8 @@ test: $(STAMP)
 # bf16/VNNI instructions). Each is its own pytest run; the first failure stops.
 PORTABLE_TESTS := tests/distributed tests/compress/test_kernels.py tests/compress/test_quant_format.py \
 	tests/compress/test_qat.py tests/compress/test_quant_stage.py tests/compress/test_gptq.py \
-	tests/compress/test_awq.py tests/compress/test_quant_embedding.py tests/compress/test_prune_unstructured.py
+	tests/compress/test_awq.py tests/compress/test_quant_embedding.py tests/compress/test_prune_unstructured.py \
+	tests/delta/test_lora.py tests/delta/test_qalora.py tests/eval/test_metrics.py
 test-portable: $(STAMP)
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q -m 'not slow and not gpu' $(PORTABLE_TESTS)
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q -m 'not slow and not gpu' $(PORTABLE_TESTS)

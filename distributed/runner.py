@@ -118,13 +118,21 @@ def run(recipe: str | Path | Recipe, overrides: dict[str, Any] | None = None, ou
     device = device_of(recipe.train)
     check_runtime(recipe, device)
     config = recipe.distributed
-    if config.world_size > 1 and not launch.in_torchrun():
-        launch.check_launch(config.nproc, config.nnodes, device, node_rank, rdzv_endpoint)
-        _prepare_run_dir(run_dir, recipe, fresh)
-        args = ["run", str(run_dir / "recipe.yaml"), "--out", str(run_dir)] + ["--fresh"] * fresh + ["--quiet"] * quiet()
-        launch.launch(args, config.nproc, config.nnodes, node_rank, rdzv_endpoint, config.max_restarts, run_id=recipe.name)
-        return _collect(recipe, run_dir)
-    return _execute(recipe, data.labels, run_dir, fresh, device)
+    created = not run_dir.exists() and not launch.in_torchrun()
+    try:
+        if config.world_size > 1 and not launch.in_torchrun():
+            launch.check_launch(config.nproc, config.nnodes, device, node_rank, rdzv_endpoint)
+            _prepare_run_dir(run_dir, recipe, fresh)
+            args = ["run", str(run_dir / "recipe.yaml"), "--out", str(run_dir)] + ["--fresh"] * fresh + ["--quiet"] * quiet()
+            launch.launch(args, config.nproc, config.nnodes, node_rank, rdzv_endpoint, config.max_restarts, run_id=recipe.name)
+            return _collect(recipe, run_dir)
+        return _execute(recipe, data.labels, run_dir, fresh, device)
+    except SlimTuneError:
+        # Bad input found inside the first stage (a LoRA rank a layer cannot take, ...): a run directory
+        # this call created and no stage finished in is removed, so nothing is left half-written.
+        if created and run_dir.is_dir() and not _stage_dirs(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def check_runtime(recipe: Recipe, device: torch.device) -> None:

@@ -222,3 +222,13 @@ def test_lora_and_a_body_wrapping_delta_nest_either_way_and_round_trip(tmp_path,
     assert torch.equal(fresh(input_ids=x).logits, ref)
     assert load_delta_(fresh, tmp_path / "both") == (["l", "p"] if lora_first else ["p", "l"])
     assert torch.equal(fresh(input_ids=x).logits, out)
+
+
+def test_a_rank_no_layer_can_take_exits_2_with_nothing_written(write_recipe, tmp_path, capsys):
+    from slimtune.cli import main
+
+    recipe = write_recipe("- lora: {rank: 64, targets: [query]}\n")  # the tiny BERT's projections are 32 wide
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "LoRA rank 64 does not fit" in err and "use a rank between 1 and 32" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
