@@ -41,9 +41,8 @@ Defaults follow AdapterHub's configurations: Houlsby ``reduction_factor`` 16,
 ``relu``, scaling 4, FFN only.
 
 Limits: adapters do not merge into the weights (the nonlinearity is in the
-way). A parallel adapter wraps a whole sublayer, so a delta attached *after*
-it cannot target the projections inside that sublayer (attach LoRA and
-Houlsby adapters first). Families: every family of :mod:`slimtune.arch`'s role
+way). A parallel adapter wraps a whole sublayer; a delta attached after it
+still finds the projections inside (targets look through wrappers). Families: every family of :mod:`slimtune.arch`'s role
 map (BERT/RoBERTa, DistilBERT, GPT-2, Llama/Mistral/Qwen2, T5).
 """
 

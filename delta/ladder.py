@@ -42,8 +42,8 @@ from a structurally pruned copy of the backbone is not done); it keeps no
 key/value cache, so generate with ``use_cache=False``; it cannot be merged; the
 backbone must be a base model inside a task model (``...ForSequenceClassification``,
 ``...ForCausalLM``) of a family :mod:`slimtune.arch` knows, whose forward
-returns ``hidden_states``. While a ladder is attached, no other delta can be
-attached inside the backbone it wraps.
+returns ``hidden_states``. A delta attached inside the backbone it wraps would
+run under ``no_grad`` with it, so it would not train.
 """
 
 from __future__ import annotations

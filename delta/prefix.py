@@ -44,9 +44,8 @@ takes a cache (BERT, RoBERTa, XLM-R, CamemBERT, ERNIE; Llama, SmolLM2,
 Mistral, Qwen2); others are refused by name (DistilBERT has no key/value cache
 path at all). A task model is needed (the body must have a parent to be
 wrapped in; a bare ``AutoModel``, as the embedding task loads, is refused).
-One prefix per model, attached before any other delta, and none after it yet:
-targeting (:func:`slimtune.delta.select_modules`) does not look inside a
-wrapper, so a LoRA attached after the prefix finds no target. ONNX export
+One prefix per model; other deltas nest with it in either order (targeting
+looks through the wrapper). ONNX export
 traces the wrapper: the final prefix is a constant of the graph, and a
 decoder exports without a cache (whole-sequence logits), as every decoder here.
 transformers' gradient checkpointing drops the cache, so training with
