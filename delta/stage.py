@@ -23,6 +23,7 @@ from torch import nn
 from slimtune.errors import SlimTuneError
 from slimtune.recipe import Strict
 from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
+from slimtune.tasks import model_inputs
 from slimtune.delta.io import backbone_sha256
 from slimtune.delta.inject import TrainedCopy, delta_names, deltas, freeze_backbone_, trainable_summary, wrap_
 
@@ -98,7 +99,13 @@ class DeltaStage:
                        trainable_parameters=summary["trainable"], total_parameters=summary["total"],
                        trainable_percent=summary["percent"])
         if config.merge:
+            probe = _probe_batch(ctx)
+            before = _outputs(art.model, kind, probe)
             metrics["merge"] = self.merge(art.model, name)
+            # What merging changed, measured: the task outputs on one batch before and after (0 up to float
+            # rounding for an exact merge; a re-quantizing merge shows the error it adds).
+            metrics["merge"]["output_max_abs_diff"] = float((_outputs(art.model, kind, probe) - before).abs().max())
+            metrics["merge"]["output_max_abs"] = float(before.abs().max())
             art.swaps = refreshed_swaps(art.model, art.swaps)
             for p in art.model.parameters():
                 p.requires_grad_(True)
@@ -125,6 +132,20 @@ class DeltaStage:
         for n in found:
             wrap_(model, n, lambda m: TrainedCopy(m, name))
         return found
+
+
+def _probe_batch(ctx: StageContext) -> dict:
+    """One batch of real examples (the first of validation, else train) to compare outputs on."""
+    data = ctx.data()
+    split = "validation" if data["validation"] else "train"
+    return ctx.batches(split, limit=ctx.train.eval_batch_size)[0]
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, kind, batch: dict) -> torch.Tensor:
+    model.eval()
+    device = next(model.parameters()).device
+    return kind.forward_export(model, **{k: v.to(device) for k, v in model_inputs(batch).items()}).float()
 
 
 def refreshed_swaps(model: nn.Module, swaps: list[dict]) -> list[dict]:

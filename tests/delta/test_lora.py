@@ -232,3 +232,15 @@ def test_a_rank_no_layer_can_take_exits_2_with_nothing_written(write_recipe, tmp
     err = capsys.readouterr().err
     assert "LoRA rank 64 does not fit" in err and "use a rank between 1 and 32" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_merging_stage_reports_what_the_merge_changed(write_recipe, tmp_path):
+    recipe = write_recipe("- lora: {rank: 4, targets: [all-linear], merge: true, max_steps: 3, eval_split: none}\n"
+                          "- evaluate: {split: test, latency: false, onnx: false}\n")
+    run = slimtune.run(recipe, out=tmp_path / "run")
+    merge = run.stages[0].metrics["merge"]
+    assert merge["layers"] == 12 and merge["requantized"] == 0
+    # A float merge computes W + sBA once instead of Wx + s B(Ax): the same sums in another order, so the
+    # logits agree to float32 rounding of <= 64-term dot products through two blocks (a few 1e-6 relative).
+    assert 0 <= merge["output_max_abs_diff"] <= 1e-5 * max(1.0, merge["output_max_abs"])
+    assert not (run.stages[0].path / "deltas").exists()  # a plain model, written whole
