@@ -255,16 +255,7 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> tuple[nn.Module, float
     from slimtune.compress.quant.rtn import quantize_rtn
     from slimtune.compress.kernels.reference import dequantize
 
-    packed = quantize_rtn(weight.float(), layer.scheme, "merged LoRA")
-    new = QuantLinear(layer.in_features, layer.out_features, layer.bits, layer.scheme.group_size, layer.scheme.symmetric,
-                      layer.bias is not None, layer.act_bits, dtype=layer.bias.dtype if layer.bias is not None else torch.float32)
-    new.qweight.copy_(packed["qweight"])
-    new.scales.copy_(packed["scales"])
-    if packed.get("zeros") is not None:
-        new.zeros.copy_(packed["zeros"])
-    if layer.bias is not None:
-        new.bias.data.copy_(layer.bias.data)
-    new = new.to(layer.qweight.device)
+    new = QuantLinear.from_packed(layer, layer.scheme, quantize_rtn(weight.float(), layer.scheme, "merged LoRA"), layer.act_bits)
     back = dequantize(new.qweight, new.scales, new.zeros, new.bits, new.group_size, new.in_features)
     err = float((back - weight.float()).norm() / weight.float().norm().clamp_min(1e-12))
     return new, err

@@ -160,20 +160,24 @@ class QuantLinear(PackedModule):
         return cls(**config)
 
     @classmethod
-    def from_packed(cls, linear: nn.Linear, scheme: QuantScheme, packed: dict, act_bits: int | None = None) -> QuantLinear:
-        """Build from a float linear (for shape and bias) and its packed tensors ``{"qweight", "scales", "zeros"}``
-        (float32 ``zeros`` make a format-v2 layer with float zero points)."""
+    def from_packed(cls, linear: nn.Module, scheme: QuantScheme, packed: dict, act_bits: int | None = None) -> QuantLinear:
+        """Build from a linear (float, or a ``QuantLinear`` being re-quantized: for shape, bias, dtype and device)
+        and its packed tensors ``{"qweight", "scales", "zeros"}`` (float32 ``zeros`` make a format-v2 layer with
+        float zero points)."""
         zeros = packed.get("zeros")
         zero_dtype = "float32" if zeros is not None and zeros.is_floating_point() else "uint8"
+        weight = getattr(linear, "weight", None)
+        like = weight if isinstance(weight, torch.Tensor) else linear.bias
         layer = cls(linear.in_features, linear.out_features, scheme.bits, scheme.group_size, scheme.symmetric,
-                    linear.bias is not None, act_bits, dtype=linear.weight.dtype, zero_dtype=zero_dtype)
+                    linear.bias is not None, act_bits, dtype=like.dtype if like is not None else torch.float32,
+                    zero_dtype=zero_dtype)
         layer.qweight.copy_(packed["qweight"])
         layer.scales.copy_(packed["scales"])
         if packed.get("zeros") is not None:
             layer.zeros.copy_(packed["zeros"])
         if linear.bias is not None:
             layer.bias.data.copy_(linear.bias.data)
-        return layer.to(linear.weight.device)
+        return layer.to(next(iter([*linear.parameters(), *linear.buffers()])).device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, act_bits: int | None = None, where: str = "") -> QuantLinear:
