@@ -157,7 +157,7 @@ class CausalLM:
 # positions whose logits are recomputed in backward (large vocabularies: SmolLM2's 49,152 x 2,048
 # positions would be 400 MB of fp32 logits, and as much again for their log-softmax and gradient).
 CHUNKED_LOGITS_BYTES = 64 * 2**20
-CHUNK_POSITIONS = 128  # 128 x 49,152 fp32 logits: 24 MiB per chunk (and as much for its softmax and gradient)
+CHUNK_POSITIONS = 64  # 64 x 49,152 fp32 logits: 12 MiB per chunk (and as much for its softmax and gradient)
 CHUNKABLE = ("llama", "mistral", "qwen2", "gpt2")  # heads applied once to the final states, no post-processing
 
 
