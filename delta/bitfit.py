@@ -35,8 +35,8 @@ from torch import nn
 from slimtune import arch
 from slimtune.errors import SlimTuneError
 from slimtune.registry import register_module_type
-from slimtune.delta.inject import (DEFAULT, DeltaLayer, TrainedCopy, _innermost, _replace, _require, delta_names,
-                                   freeze_backbone_, select_modules, wrap_)
+from slimtune.delta.inject import (DEFAULT, DeltaLayer, _innermost, _replace, delta_names, freeze_backbone_, select_modules,
+                                   unload_heads_, wrap_, wrappers_of)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -167,13 +167,8 @@ def add_bitfit_(model: nn.Module, layernorm: bool = False, targets: list[str] | 
 
 
 def _bitfit(model: nn.Module, name: str) -> list[tuple[str, BiasDelta]]:
-    """The :class:`BiasDelta` wrappers of delta ``name`` (a task head trained with it, a :class:`TrainedCopy`, aside)."""
-    found = _require(model, name)
-    bad = [n for n, w in found if not isinstance(w, (BiasDelta, TrainedCopy))]
-    if bad:
-        raise SlimTuneError(f"delta {name!r} is not a BitFit delta ({type(dict(found)[bad[0]]).__name__} at {bad[0]})",
-                            "merge_bitfit_ folds only BitFit deltas; use the method's own merge")
-    return [(n, w) for n, w in found if isinstance(w, BiasDelta)]
+    """The :class:`BiasDelta` wrappers of delta ``name`` (a task head trained with it aside)."""
+    return wrappers_of(model, name, BiasDelta, "BitFit")
 
 
 def _check_unshared(found: list[tuple[str, BiasDelta]]) -> None:
@@ -215,9 +210,7 @@ def merge_and_unload_bitfit_(model: nn.Module, name: str = DEFAULT) -> dict:
     """
     found = _bitfit(model, name)
     _check_unshared(found)
-    for qualified, head in _require(model, name):
-        if isinstance(head, TrainedCopy):
-            _replace(model, qualified, head.copy)
+    unload_heads_(model, name)
     for qualified, wrapper in reversed(found):
         wrapper.merge()
         wrapper._original, wrapper.merged = None, False

@@ -247,6 +247,29 @@ def _require(model: nn.Module, name: str) -> list[tuple[str, DeltaLayer]]:
     return found
 
 
+def wrappers_of(model: nn.Module, name: str, cls: type, method: str) -> list[tuple[str, DeltaLayer]]:
+    """The ``cls`` wrappers of delta ``name``, for an operation only ``method`` deltas support (merging).
+
+    A task head trained with the delta (a :class:`TrainedCopy` of the same name) is left aside.
+
+    Raises:
+        SlimTuneError: no delta ``name``, or one of its wrappers is of another method.
+    """
+    found = _require(model, name)
+    bad = [(n, w) for n, w in found if not isinstance(w, (cls, TrainedCopy))]
+    if bad:
+        raise SlimTuneError(f"delta {name!r} is not a {method} delta ({type(bad[0][1]).__name__} at {bad[0][0]})",
+                            f"this folds only {method} deltas; use the method's own merge, or keep the delta attached")
+    return [(n, w) for n, w in found if isinstance(w, cls)]
+
+
+def unload_heads_(model: nn.Module, name: str) -> None:
+    """Put each task head trained with delta ``name`` (its :class:`TrainedCopy`) in place as the head."""
+    for qualified, head in _require(model, name):
+        if isinstance(head, TrainedCopy):
+            _replace(model, qualified, head.copy)
+
+
 def set_active(model: nn.Module, names: str | list[str] | None) -> None:
     """Let only the deltas ``names`` take part (None: all of them)."""
     if isinstance(names, str):
@@ -340,13 +363,6 @@ def trainable_summary(model: nn.Module) -> dict:
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 
-def delta_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of delta ``name``, keyed by their qualified names in ``model``."""
-    state = {}
-    for qualified, wrapper in _require(model, name):
-        for pname, p in wrapper.delta_parameters():
-            state[f"{qualified}.{pname}"] = p.detach()
-        for bname, b in wrapper.named_buffers():
-            if not bname.startswith("base_layer."):
-                state[f"{qualified}.{bname}"] = b.detach()
-    return state
+def delta_parameter_count(model: nn.Module, name: str) -> int:
+    """Elements of delta ``name``'s own parameters (what its file holds)."""
+    return sum(p.numel() for _, w in deltas(model, name) for _, p in w.delta_parameters())

@@ -31,7 +31,8 @@ from torch import nn
 
 from slimtune.errors import SlimTuneError
 from slimtune.registry import register_module_type
-from slimtune.delta.inject import DEFAULT, DeltaLayer, TrainedCopy, _innermost, _require, freeze_backbone_, in_out_features, select_modules, wrap_
+from slimtune.delta.inject import (DEFAULT, DeltaLayer, _innermost, _replace, freeze_backbone_, in_out_features, select_modules,
+                                   unload_heads_, wrap_, wrappers_of)
 
 
 def _is_quant(module: nn.Module) -> bool:
@@ -219,11 +220,8 @@ def merge_and_unload_(model: nn.Module, name: str = DEFAULT) -> dict:
         "requant_rel_error_max": ...}``
     """
     errors, exact = [], []
-    for qualified, head in _require(model, name):
-        if isinstance(head, TrainedCopy):  # a task head trained with the LoRA: its trained copy becomes the head
-            parent, _, child = qualified.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, head.copy)
     found = _lora(model, name)
+    unload_heads_(model, name)
     for qualified, wrapper in reversed(found):
         inner = wrapper.base_layer
         if _is_quant(_innermost(inner)):
@@ -242,8 +240,7 @@ def merge_and_unload_(model: nn.Module, name: str = DEFAULT) -> dict:
             wrapper._original = None
             wrapper.merged = False
             merged = inner
-        parent, _, child = qualified.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, merged)
+        _replace(model, qualified, merged)
     return {"layers": len(found), "requantized": len(errors), "merged_exactly": len(exact),
             "requant_rel_error_mean": float(sum(errors) / len(errors)) if errors else None,
             "requant_rel_error_max": float(max(errors)) if errors else None}
@@ -262,12 +259,7 @@ def requantize(layer: nn.Module, weight: torch.Tensor) -> tuple[nn.Module, float
 
 
 def _lora(model: nn.Module, name: str) -> list[tuple[str, LoraLinear]]:
-    found = _require(model, name)
-    bad = [n for n, w in found if not isinstance(w, LoraLinear)]
-    if bad:
-        raise SlimTuneError(f"delta {name!r} is not a LoRA ({type(dict(found)[bad[0]]).__name__} at {bad[0]}): it cannot be merged",
-                            "only LoRA (and DoRA) deltas merge; keep this delta attached")
-    return found
+    return wrappers_of(model, name, LoraLinear, "LoRA")
 
 
 # ---------------------------------------------------------------- the stage

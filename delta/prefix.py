@@ -64,7 +64,7 @@ from transformers.cache_utils import DynamicCache
 from slimtune import arch
 from slimtune.errors import SlimTuneError
 from slimtune.registry import register_module_type
-from slimtune.delta.inject import DEFAULT, DeltaLayer, _innermost, delta_names, deltas, freeze_backbone_, wrap_
+from slimtune.delta.inject import DEFAULT, DeltaLayer, _innermost, delta_names, delta_parameter_count, deltas, freeze_backbone_, wrap_
 
 SUPPORTED = tuple(t for family in arch.FAMILIES for t in family.model_types)
 
@@ -371,6 +371,5 @@ class Prefix(DeltaStage):
         result = super().run(ctx, config)
         name = self.delta_name(config)
         finalize_(result.artifact.model, name)
-        result.metrics["delta_parameters"] = sum(p.numel() for _, w in deltas(result.artifact.model, name)
-                                                 for _, p in w.delta_parameters())
+        result.metrics["delta_parameters"] = delta_parameter_count(result.artifact.model, name)
         return result

@@ -14,6 +14,7 @@ into the weights instead and writes a plain (or quantized) model.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
 import torch
@@ -25,7 +26,7 @@ from slimtune.recipe import Strict
 from slimtune.stage import CompositionError, ModelState, StageContext, StageResult
 from slimtune.tasks import model_inputs
 from slimtune.delta.io import backbone_sha256
-from slimtune.delta.inject import TrainedCopy, delta_names, deltas, freeze_backbone_, trainable_summary, wrap_
+from slimtune.delta.inject import TrainedCopy, delta_names, delta_parameter_count, freeze_backbone_, trainable_summary, wrap_
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class DeltaConfig(Strict):
     merge: bool = Field(False, description="fold the trained delta into the weights and save a plain model (LoRA only)")
 
 
-class DeltaStage:
+class DeltaStage(ABC):
     """Base of the delta stages (see the module docstring)."""
 
     changes_model = True
@@ -55,8 +56,9 @@ class DeltaStage:
     takes_deltas = True  # may run on a model that already carries a delta
     mergeable: ClassVar[bool] = False
 
+    @abstractmethod
     def attach(self, ctx: StageContext, model: nn.Module, config, name: str) -> list[str]:
-        raise NotImplementedError
+        """Wrap the modules of ``model`` this method adapts; returns their qualified names."""
 
     @classmethod
     def delta_name(cls, config) -> str:
@@ -113,7 +115,7 @@ class DeltaStage:
             records = [r for r in (art.attachments.get("deltas") or []) if isinstance(r, dict)]
             art.attachments["deltas"] = records + [{"name": name, "backbone_sha256": backbone,
                                                     "stage": {"method": self.name, **config.model_dump(mode="json")}}]
-            metrics["delta_parameters"] = sum(p.numel() for _, w in deltas(art.model, name) for _, p in w.delta_parameters())
+            metrics["delta_parameters"] = delta_parameter_count(art.model, name)
         return StageResult(art, metrics)
 
     def merge(self, model: nn.Module, name: str) -> dict:

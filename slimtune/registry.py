@@ -19,6 +19,7 @@ packages on first need, so the tables are full after a plain ``import slimtune``
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, Callable, TypeVar
 
 from slimtune.errors import RecipeError
@@ -93,7 +94,7 @@ def register_invariant(key: str, invariant: Invariant) -> None:
     INVARIANTS[key] = invariant
 
 
-class Attachment:
+class Attachment(ABC):
     """Parts a package attaches on top of a backbone (deltas), stored beside its unchanged weight files.
 
     :meth:`slimtune.artifact.Artifact.save` writes the backbone inside every
@@ -110,21 +111,21 @@ class Attachment:
         """The sha256s of the backbone weight files ``recorded`` (what the artifact holds) is bound to."""
         return set()
 
+    @abstractmethod
     def stripped(self, model):
         """A context manager in which ``model`` is the bare backbone."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(self, model, info, directory, backbone_sha256: str) -> Any:
         """Write this attachment's files into ``directory``; return what ``slimtune.json`` records of it.
 
         ``info`` is what the artifact recorded so far (None when nothing);
         ``backbone_sha256`` is the sha256 of the backbone weight file written beside it.
         """
-        raise NotImplementedError
 
+    @abstractmethod
     def load(self, model, recorded, directory, backbone_sha256: str) -> None:
         """Attach what ``recorded`` (as :meth:`save` returned it) describes, from the files in ``directory``."""
-        raise NotImplementedError
 
 
 def register_attachment(key: str, attachment: Attachment) -> None:
